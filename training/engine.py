@@ -1,0 +1,112 @@
+"""The one place that knows how the model is run: process group, device, DDP, torch.compile.
+
+Model and loss code never import this module; the trainer asks it for a wrapped model and for the
+rank bookkeeping. torchrun (or SLURM via launch/) sets RANK / WORLD_SIZE / LOCAL_RANK; a plain
+`python -m training.main` is a world of one with no process group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def setup_distributed(device: str = "auto", timeout_minutes: int = 30) -> Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        # NCCL between GPUs; gloo for CPU runs (the tests and laptops).
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: Distributed, compile_model: bool) -> nn.Module:
+    """Move to the device, wrap in DDP when there are several ranks, optionally compile."""
+    model = model.to(env.device)
+    if env.enabled:
+        trainable = any(p.requires_grad for p in model.parameters())
+        if trainable:
+            model = DistributedDataParallel(
+                model,
+                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                # Every trainable parameter gets a gradient each step (locked towers have
+                # requires_grad=False, which DDP ignores), so the costly unused-parameter scan
+                # stays off.
+                find_unused_parameters=False,
+            )
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model behind DDP and torch.compile wrappers (for checkpoints and eval)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def all_ranks_agree(flags: torch.Tensor, env: Distributed) -> torch.Tensor:
+    """Element-wise max of small int flags over all ranks (every rank takes part; shape [k] in,
+    [k] out). Used so all ranks skip a non-finite step or stop on a signal together."""
+    if env.enabled:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def gather_objects(obj, env: Distributed) -> list:
+    """Every rank contributes one picklable object; every rank receives the list over ranks."""
+    if not env.enabled:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,86 @@
+"""AdamW with CLIP's weight-decay exclusions, and the cosine-with-warmup learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    # CLIP (Radford et al. 2021) used beta2 = 0.98 and eps = 1e-6 for stability at large batch.
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("optim.beta1 and optim.beta2 must lie in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError("optim.warmup_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.min_lr_ratio must lie in [0, 1]")
+        if self.grad_clip < 0:
+            raise ValueError("optim.grad_clip must be >= 0 (0 disables clipping)")
+
+
+def _exempt_from_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases, norm gains, embeddings and the temperature are not shrunk: decaying them hurts
+    # (OpenCLIP and the CLIP paper both exclude gains/biases; the logit scale must stay free).
+    lowered = name.lower()
+    return (
+        param.ndim < 2
+        or "embed" in lowered
+        or "pos_emb" in lowered
+        or "cls_token" in lowered
+        or "logit_scale" in lowered
+        or "logit_bias" in lowered
+        or ".norm" in lowered
+        or "ln_" in lowered
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # locked towers (LiT) take no optimizer state at all
+        (no_decay if _exempt_from_decay(name, param) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at total_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    # The schedule is a pure function of the step, so resuming needs no scheduler state beyond it.
+    for group in optimizer.param_groups:
+        group["lr"] = lr
