@@ -1,14 +1,19 @@
-# Every target that runs project code depends on the virtual environment, so a fresh clone needs
-# nothing but `make demo` or `make test`.
+# Every target that runs project code depends on the virtual environment, so on a fresh clone
+# `make demo` and `make test` need no earlier step.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SHARDS ?= data/shards
+
+# `make shards` with no URL_LIST builds the embedded demo corpus; with URL_LIST=... it shards it.
+DEMO := data/demo
+SHARDS ?= $(DEMO)
 URL_LIST ?=
 SHARDS_ARGS ?=
+CONFIG ?= configs/tiny_demo.toml
+TRAIN_ARGS ?=
 
-.PHONY: install demo test shards validate clean
+.PHONY: install shards validate tokenizer train demo test clean
 
 install: $(STAMP)
 
@@ -24,9 +29,21 @@ shards: $(STAMP)
 validate: $(STAMP)
 	$(PY) -m data_pipeline.validate $(SHARDS)
 
+# A byte-level BPE trained on the demo's training captions, saved beside the shards.
+tokenizer: $(STAMP)
+	$(PY) -m training.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
+
+train: $(STAMP)
+	$(PY) -m training.main --config $(CONFIG) train.resume=latest $(TRAIN_ARGS)
+
+# The main job on the embedded default: shards -> validate -> tokenizer -> train -> report.
+# Re-running is cheap: finished shards are skipped and a finished run is only reported.
 demo: $(STAMP)
-	$(PY) -m data_pipeline.shards --output $(SHARDS) --incremental
-	$(PY) -m data_pipeline.validate $(SHARDS)
+	$(PY) -m data_pipeline.shards --output $(DEMO) --incremental
+	$(PY) -m data_pipeline.validate $(DEMO)
+	test -f $(DEMO)/tokenizer.json || $(PY) -m training.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
+	$(PY) -m training.main --config configs/tiny_demo.toml train.resume=latest
+	$(PY) -m training.report --run-dir runs/tiny_demo --shards $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -95,12 +95,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def all_ranks_agree(flags: torch.Tensor, env: Distributed) -> torch.Tensor:
-    """Element-wise max of small int flags over all ranks (every rank takes part; shape [k] in,
-    [k] out). Used so all ranks skip a non-finite step or stop on a signal together."""
+def sum_over_ranks(values: torch.Tensor, env: Distributed) -> torch.Tensor:
+    """Element-wise sum of a small float tensor over all ranks (every rank takes part; shape [k]
+    in, [k] out). Used for the step's loss and for flags all ranks must act on together."""
     if env.enabled:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def gather_objects(obj, env: Distributed) -> list:

@@ -36,32 +36,12 @@ class OptimConfig:
             raise ValueError("optim.grad_clip must be >= 0 (0 disables clipping)")
 
 
-def _exempt_from_decay(name: str, param: nn.Parameter) -> bool:
-    # Biases, norm gains, embeddings and the temperature are not shrunk: decaying them hurts
-    # (OpenCLIP and the CLIP paper both exclude gains/biases; the logit scale must stay free).
-    lowered = name.lower()
-    return (
-        param.ndim < 2
-        or "embed" in lowered
-        or "pos_emb" in lowered
-        or "cls_token" in lowered
-        or "logit_scale" in lowered
-        or "logit_bias" in lowered
-        or ".norm" in lowered
-        or "ln_" in lowered
-    )
-
-
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue  # locked towers (LiT) take no optimizer state at all
-        (no_decay if _exempt_from_decay(name, param) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    # The model knows which of its parameters are biases, norms and embeddings (decaying those
+    # pulls them to zero for no regularisation benefit); locked towers get no optimizer state.
+    from training.model import param_groups_for_weight_decay
+
+    groups = param_groups_for_weight_decay(model, cfg.weight_decay)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=cfg.lr,

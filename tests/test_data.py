@@ -1,0 +1,360 @@
+"""The training data pipeline on real (tiny) webdataset tars written here with tarfile + PIL."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import DataConfig, DataError, build_eval_loader, build_train_loader
+from training.shard_stream import epoch_shards, expand_source, expand_sources, read_shard
+from training.transforms import CLIP_MEAN, build_eval_transform, build_train_transform
+
+PAD_ID = 0
+SOT, EOT = 1, 2
+
+
+class CharTokenizer:
+    """Picklable stand-in for the real tokenizer: one id per character, SOT/EOT around."""
+
+    def __call__(self, text: str) -> list[int]:
+        return [SOT] + [ord(c) for c in text] + [EOT]
+
+    @staticmethod
+    def decode(ids: torch.Tensor) -> str:
+        return "".join(chr(i) for i in ids.tolist() if i not in (PAD_ID, SOT, EOT))
+
+
+tokenize = CharTokenizer()
+
+
+def jpeg(seed: int, size: tuple[int, int] = (24, 20)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def sample(key: str, caption: str | None, image: bytes | None = None, **extra: bytes):
+    """Tar members of one img2dataset-style sample (None leaves a member out)."""
+    members = {"jpg": jpeg(zlib.crc32(key.encode())) if image is None else image}
+    if caption is not None:
+        members["txt"] = caption.encode()
+    members["json"] = json.dumps({"key": key, "caption": caption}).encode()
+    members.update(extra)
+    return [(f"{key}.{ext}", data) for ext, data in members.items() if data is not None]
+
+
+def write_tar(path: Path, samples: list[list[tuple[str, bytes]]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for members in samples:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_source(folder: Path, shards: int, per_shard: int, prefix: str) -> Path:
+    """`shards` tars of `per_shard` good samples, captions "<prefix> <shard> <i>", + sizes.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for s in range(shards):
+        name = f"{s:05d}.tar"
+        write_tar(folder / name, [
+            sample(f"{prefix}{s:03d}{i:03d}", f"{prefix} {s} {i}") for i in range(per_shard)
+        ])
+        sizes[name] = per_shard
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return folder
+
+
+def truncate_inside(path: Path, member: str) -> None:
+    """Cut the tar in the middle of `member`'s data, as an interrupted download would."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member)
+    with open(path, "r+b") as f:
+        f.truncate(info.offset_data + info.size // 2)
+
+
+def config(shards, **overrides) -> DataConfig:
+    defaults = dict(
+        train_shards=str(shards), num_samples=100, workers=0, image_size=16, batch_size=4,
+        sample_shuffle_buffer=0, scale=(0.9, 1.0), seed=0,
+    )
+    return DataConfig(**(defaults | overrides))
+
+
+def take(loader, n: int) -> list[dict]:
+    return [next(loader) for _ in range(n)]
+
+
+def captions(batch) -> list[str]:
+    return [tokenize.decode(row) for row in batch["text"]]
+
+
+# --------------------------------------------------------------------------------- listing
+
+
+def test_brace_pattern_directory_and_sources(tmp_path):
+    write_source(tmp_path / "a", shards=4, per_shard=2, prefix="a")
+    write_source(tmp_path / "b", shards=2, per_shard=2, prefix="b")
+    assert expand_source(str(tmp_path / "a/{00001..00002}.tar")) == [
+        str(tmp_path / "a/00001.tar"), str(tmp_path / "a/00002.tar")]
+    assert expand_source(str(tmp_path / "a")) == [
+        str(tmp_path / f"a/{i:05d}.tar") for i in range(4)]
+    assert [len(s) for s in expand_sources(f"{tmp_path / 'a'}::{tmp_path / 'b'}")] == [4, 2]
+    assert len(expand_source(f"file://{tmp_path / 'a'}")) == 4
+    with pytest.raises(DataError, match=r"shard not found: .*00004\.tar \(and 3 more\)"):
+        build_train_loader(config(tmp_path / "a/{00000..00007}.tar"), tokenize, PAD_ID)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="2 sources"):
+        DataConfig(train_shards="a::b", train_data_weights=[1.0])
+    with pytest.raises(ValueError, match="empty source"):
+        DataConfig(train_shards="a::")
+    with pytest.raises(ValueError, match="scale"):
+        DataConfig(train_shards="a", scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="hflip"):
+        DataConfig(train_shards="a", hflip=2.0)
+    with pytest.raises(TypeError):
+        DataConfig(train_shards="a", no_such_option=1)
+    assert DataConfig(train_shards="a", scale=[0.5, 1]).scale == (0.5, 1.0)
+
+
+def test_num_samples_from_sizes_json(tmp_path):
+    a = write_source(tmp_path / "a", shards=3, per_shard=5, prefix="a")
+    b = write_source(tmp_path / "b", shards=2, per_shard=7, prefix="b")
+    cfg = config(f"{a}/{{00000..00001}}.tar::{b}", num_samples=None)
+    loader = build_train_loader(cfg, tokenize, PAD_ID)
+    assert loader.num_samples == 2 * 5 + 2 * 7
+    assert loader.steps_per_epoch(global_batch=8) == 3
+    (b / "sizes.json").unlink()
+    with pytest.raises(DataError, match="num_samples"):
+        build_train_loader(cfg, tokenize, PAD_ID)
+
+
+# --------------------------------------------------------------------------------- sharding
+
+
+def test_rank_and_worker_split_is_disjoint(tmp_path):
+    folder = write_source(tmp_path / "a", shards=8, per_shard=3, prefix="a")
+    urls = expand_source(str(folder))
+    for epoch in range(3):
+        parts = [epoch_shards(urls, seed=5, source=0, epoch=epoch, shuffle=True, worker=w,
+                              num_workers=4) for w in range(4)]
+        flat = [u for part in parts for u in part]
+        assert sorted(flat) == urls  # disjoint and complete
+    assert parts != [epoch_shards(urls, seed=5, source=0, epoch=0, shuffle=True, worker=w,
+                                  num_workers=4) for w in range(4)]  # reshuffled per epoch
+
+    # End to end: what each (rank, worker) actually reads in its first epoch (2 shards x 3).
+    seen = []
+    for rank in range(2):
+        loader = build_train_loader(config(folder, workers=2), tokenize, PAD_ID, rank, 2)
+        stream = loader._loader.dataset
+        for role in range(2):
+            raw = stream.raw_samples(role)
+            seen.append({next(raw)["__url__"] for _ in range(6)})
+    assert all(len(s) == 2 for s in seen)
+    assert set().union(*seen) == set(urls) and sum(map(len, seen)) == 8
+
+
+def test_fewer_shards_than_workers_wraps_around(tmp_path):
+    urls = [f"s{i}.tar" for i in range(3)]
+    parts = [epoch_shards(urls, seed=0, source=0, epoch=0, shuffle=True, worker=w, num_workers=4)
+             for w in range(4)]
+    assert all(len(p) == 1 for p in parts) and {p[0] for p in parts} == set(urls)
+
+
+def test_sources_are_mixed_by_weight(tmp_path):
+    a = write_source(tmp_path / "a", shards=2, per_shard=6, prefix="a")
+    b = write_source(tmp_path / "b", shards=6, per_shard=6, prefix="b")
+
+    def share_of_a(**overrides) -> float:
+        cfg = config(f"{a}::{b}", batch_size=16, **overrides)
+        loader = build_train_loader(cfg, tokenize, PAD_ID)
+        firsts = torch.cat([batch["text"][:, 1] for batch in take(loader, 25)])
+        return (firsts == ord("a")).float().mean().item()
+
+    assert share_of_a(train_data_weights=[3.0, 1.0]) == pytest.approx(0.75, abs=0.06)
+    # None = proportional to size (sizes.json: 12 vs 36 samples).
+    assert share_of_a() == pytest.approx(0.25, abs=0.06)
+
+
+# --------------------------------------------------------------------------------- bad data
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", [
+        sample("g0", "good 0"),
+        sample("bad_jpg", "bad", image=b"not a jpeg"),
+        sample("g1", "good 1"),
+        sample("no_txt", None),
+        sample("g2", "good 2"),
+        sample("empty_txt", "   "),
+        sample("g3", "good 3"), sample("g4", "good 4"), sample("g5", "good 5"),
+    ])
+    write_tar(folder / "00001.tar", [sample(f"t{i}", f"tail {i}") for i in range(6)])
+    truncate_inside(folder / "00001.tar", "t3.jpg")
+    cfg = config(folder, batch_size=3, shard_shuffle=False)
+    loader = build_train_loader(cfg, tokenize, PAD_ID)
+
+    batches = take(loader, 4)
+    assert [captions(b) for b in batches] == [
+        ["good 0", "good 1", "good 2"],
+        ["good 3", "good 4", "good 5"],
+        ["tail 0", "tail 1", "tail 2"],  # t3 onwards lost to the truncation; next epoch goes on
+        ["good 0", "good 1", "good 2"],
+    ]
+    # 3 bad samples in shard 0 (twice read) + 1 for the truncated tail of shard 1.
+    assert loader.skipped_samples == 3 + 1 + 2
+    assert loader.state_dict()["consumed"] == [9 + 4 + 5]
+
+
+def test_tar_cut_at_a_member_header_is_reported(tmp_path):
+    # tarfile itself takes a tar that stops at (or inside) a header for a complete one.
+    path = write_tar(tmp_path / "whole.tar", [sample(f"k{i}", f"c {i}") for i in range(4)])
+    with tarfile.open(path) as tar:
+        header = tar.getmember("k2.jpg").offset
+    for cut in (header, header + 100):
+        (tmp_path / "cut.tar").write_bytes(path.read_bytes()[:cut])
+        items = list(read_shard(str(tmp_path / "cut.tar"), visit=0))
+        assert [item["__key__"] for item in items[:2]] == ["k0", "k1"]
+        assert "end-of-archive" in items[2]["__error__"] and items[2]["__visit_total__"] == 3
+    assert all("__error__" not in item for item in read_shard(str(path), visit=0))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_without_usable_sample_stops_the_run_naming_it(tmp_path, workers):
+    folder = write_source(tmp_path / "s", shards=1, per_shard=8, prefix="a")
+    # Classification-style shard: image + label, no caption (OpenCLIP hangs on this).
+    write_tar(folder / "00001.tar", [
+        [(f"c{i}.jpg", jpeg(i)), (f"c{i}.cls", b"3")] for i in range(5)])
+    loader = build_train_loader(config(folder, workers=workers, batch_size=2), tokenize, PAD_ID)
+    with pytest.raises(DataError, match=r"00001\.tar.*no usable sample.*no \.txt caption") as err:
+        take(loader, 20)
+    assert "\n" not in str(err.value)
+    evaluation = build_eval_loader(str(folder), 16, 4, tokenize, PAD_ID, workers=workers)
+    with pytest.raises(DataError, match=r"00001\.tar.*no usable sample"):
+        list(evaluation)
+
+
+# --------------------------------------------------------------------------------- batches
+
+
+def test_text_is_padded_to_the_longest_caption_of_each_batch(tmp_path):
+    texts = ["a", "a much longer caption", "mid size", "xy", "b", "c", "dd", "eee"]
+    write_tar(tmp_path / "00000.tar", [sample(f"k{i}", t) for i, t in enumerate(texts)])
+    loader = build_train_loader(config(tmp_path, shard_shuffle=False), tokenize, PAD_ID)
+    for batch, expected in zip(take(loader, 2), (texts[:4], texts[4:])):
+        longest = max(len(tokenize(t)) for t in expected)
+        assert batch["text"].dtype == torch.long and batch["text"].shape == (4, longest)
+        for row, text in zip(batch["text"], expected):
+            ids = tokenize(text)
+            assert row[: len(ids)].tolist() == ids and (row[len(ids):] == PAD_ID).all()
+        assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers,resampled", [(0, False), (2, False), (2, True)])
+def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, workers, resampled):
+    main = write_source(tmp_path / "main", shards=4, per_shard=6, prefix="s")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    write_tar(extra / "00000.tar", [
+        sample("r0", "r 0"), sample("broken", "broken", image=b"garbage"), sample("r1", "r 1")])
+    cfg = config(
+        f"{main}::{extra}", train_data_weights=[2.0, 1.0], resampled=resampled, workers=workers,
+        batch_size=4, sample_shuffle_buffer=8, scale=(0.5, 1.0), hflip=0.5, color_jitter=0.3,
+        random_erasing=0.3, seed=3,
+    )
+    total, stop = 9, 5  # stop at a step that is not a multiple of the worker count
+    uninterrupted = build_train_loader(cfg, tokenize, PAD_ID)
+    expected = take(uninterrupted, total)
+
+    first = build_train_loader(cfg, tokenize, PAD_ID)
+    head = take(first, stop)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a round trip through a file
+    first.close()
+    resumed = build_train_loader(cfg, tokenize, PAD_ID, state=state)
+    got = head + take(resumed, total - stop)
+
+    assert torch.equal(
+        torch.cat([b["image"] for b in got]), torch.cat([b["image"] for b in expected]))
+    for mine, theirs in zip(got, expected):
+        assert torch.equal(mine["text"], theirs["text"])
+    assert resumed.skipped_samples == uninterrupted.skipped_samples >= 1
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    # Augmentation is really on: a sample seen twice gives two different images.
+    first_image, repeats = {}, 0
+    for batch in expected:
+        for caption, image in zip(captions(batch), batch["image"]):
+            if caption in first_image:
+                repeats += 1
+                assert not torch.equal(first_image[caption], image)
+            first_image.setdefault(caption, image)
+    assert repeats > 0
+
+    with pytest.raises(DataError, match="batch_size"):
+        build_train_loader(dataclasses.replace(cfg, batch_size=2), tokenize, PAD_ID, state=state)
+
+
+# --------------------------------------------------------------------------------- sources
+
+
+def test_pipe_and_fsspec_sources(tmp_path):
+    folder = write_source(tmp_path / "s", shards=2, per_shard=4, prefix="p")
+    for spec in (f"pipe:cat {folder}/{{00000..00001}}.tar", f"file://{folder}"):
+        loader = build_train_loader(config(spec, shard_shuffle=False), tokenize, PAD_ID)
+        assert captions(next(loader)) == ["p 0 0", "p 0 1", "p 0 2", "p 0 3"]
+        loader.close()
+
+
+def test_eval_loader_is_one_ordered_pass_with_keys_and_metadata(tmp_path):
+    folder = write_source(tmp_path / "s", shards=3, per_shard=5, prefix="e")
+    write_tar(folder / "00003.tar", [sample("e_ok", "fine"), sample("e_bad", "x", image=b"zz")])
+    loader = build_eval_loader(str(folder), image_size=16, batch_size=4, tokenize=tokenize,
+                               pad_id=PAD_ID, workers=2)
+    for _ in range(2):  # re-iterable
+        keys, metas = [], []
+        for batch in loader:
+            assert batch["image"].shape[1:] == (3, 16, 16)
+            assert captions(batch) == [m["caption"] for m in batch["meta"]]
+            keys += batch["keys"]
+            metas += batch["meta"]
+        expected = [f"e{s:03d}{i:03d}" for s in range(3) for i in range(5)] + ["e_ok"]
+        assert sorted(keys) == sorted(expected)
+        assert [m["key"] for m in metas] == keys
+
+    pipe = build_eval_loader(f"pipe:cat {folder}/00000.tar", 16, 8, tokenize, PAD_ID, workers=0)
+    assert [k for b in pipe for k in b["keys"]] == [f"e000{i:03d}" for i in range(5)]
+
+
+# --------------------------------------------------------------------------------- transforms
+
+
+def test_transforms_shapes_and_normalization():
+    cfg = DataConfig(train_shards="x", image_size=32, hflip=0.5, color_jitter=0.2,
+                     random_erasing=0.5)
+    image = Image.new("RGB", (50, 40), tuple(round(255 * m) for m in CLIP_MEAN))
+    out = build_train_transform(cfg)(image)
+    assert out.shape == (3, 32, 32)
+    evaluated = build_eval_transform(32)(image)
+    assert evaluated.shape == (3, 32, 32) and evaluated.abs().max() < 0.02  # mean color -> ~0
+    assert torch.equal(evaluated, build_eval_transform(32)(image))

@@ -1,0 +1,431 @@
+"""The training and evaluation data pipelines: webdataset shards -> batches of images and tokens.
+
+Per dataloader worker, the train pipeline is an infinite stream (see `TrainStream._batches`):
+
+    shards (pure function of seed, source, epoch, global worker id)
+      -> tar members -> raw samples (bytes, undecoded)          [training.shard_stream]
+      -> mix sources by weight -> sample shuffle buffer (RNG seeded per worker)
+      -> (resume: the first N raw samples are dropped here, undecoded)
+      -> decode / filter / augment (RNG seeded per raw sample) -> tokenize -> batch
+                                                                  [training.sample_decode]
+
+Because every step before the resume point is deterministic and cheap, and every step after it
+depends only on the raw sample and its index, a resumed run sees exactly the batches an
+uninterrupted run would have seen (tests/test_data.py checks this bit for bit).
+
+Batches are dicts: image FloatTensor [B, 3, H, W], text LongTensor [B, L] padded with `pad_id`
+to the longest caption of the batch. Workers run forever (epochs are a worker-internal notion),
+so the trainer runs for a number of steps; `TrainLoader.steps_per_epoch` gives the "epoch" used
+for logging and schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from training.sample_decode import SkipSample, ShardJudge, collate, decode_metadata, decode_sample
+from training.shard_stream import (
+    SOURCE_SEPARATOR, derive_seed, expand_sources, mix_streams, read_shard, read_shard_sizes,
+    shuffle_buffer, source_stream,
+)
+from training.transforms import build_eval_transform, build_train_transform
+
+logger = logging.getLogger(__name__)
+
+Tokenize = Callable[[str], Sequence[int]]
+
+# Workers report a DataError as a batch carrying only this key, and the loader raises it in the
+# main process. (Raising in the worker also reaches the main process, but DataLoader rewraps the
+# message with the worker's whole traceback; the CLI wants the one line.)
+_DATA_ERROR_KEY = "__data_error__"
+# How many skipped samples each worker logs with their reason before it goes quiet.
+_SKIPS_LOGGED_PER_WORKER = 5
+
+
+class DataError(Exception):
+    """The data cannot be used as configured (shown by the CLI as one line)."""
+
+
+@dataclass
+class DataConfig:
+    """Training data. Shards are webdataset tars as img2dataset writes them (KEY.jpg, KEY.txt,
+    KEY.json), with an optional sizes.json ({"00000.tar": n, ...}) beside them.
+
+    train_shards: one or more sources joined with `::`. A source is a brace pattern
+        (`dir/{00000..00099}.tar`), a directory (all *.tar in it), an fsspec URL (`s3://...`,
+        `file://...`, directory or pattern), or a `pipe:` command (`pipe:aws s3 cp s3://b/0.tar -`).
+    train_data_weights: share of samples drawn from each source (normalized; mixing is per
+        sample). None = proportional to source size: samples listed in sizes.json if every source
+        has one, else the shard count. Either way a source is re-read when exhausted.
+    num_samples: samples per "epoch" (logging and schedules only). None = sum of sizes.json.
+    resampled: draw shards with replacement (no epochs) instead of epoch-wise permutations.
+    shard_shuffle: permute shard order per epoch (ignored when resampled).
+    sample_shuffle_buffer: raw samples held per worker for shuffling; 0 = off.
+    workers: dataloader worker processes per rank; 0 = load in the main process.
+    batch_size: per rank.
+    scale, hflip, color_jitter, random_erasing: augmentation, see training.transforms.
+    """
+
+    train_shards: str
+    train_data_weights: list[float] | None = None
+    num_samples: int | None = None
+    resampled: bool = False
+    shard_shuffle: bool = True
+    sample_shuffle_buffer: int = 1000
+    workers: int = 4
+    image_size: int = 224
+    batch_size: int = 256
+    scale: tuple[float, float] = (0.9, 1.0)
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train_shards, str) or not self.train_shards.strip():
+            raise ValueError("train_shards must be a non-empty string")
+        parts = self.train_shards.split(SOURCE_SEPARATOR)
+        if any(not part.strip() for part in parts):
+            raise ValueError(f"train_shards has an empty source: {self.train_shards!r}")
+        if self.train_data_weights is not None:
+            self.train_data_weights = [float(w) for w in self.train_data_weights]
+            if len(self.train_data_weights) != len(parts):
+                raise ValueError(
+                    f"train_data_weights has {len(self.train_data_weights)} entries for "
+                    f"{len(parts)} sources"
+                )
+            if not all(math.isfinite(w) and w > 0 for w in self.train_data_weights):
+                raise ValueError(f"train_data_weights must be > 0: {self.train_data_weights}")
+        if self.num_samples is not None and self.num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {self.num_samples}")
+        for name in ("sample_shuffle_buffer", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("image_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.scale = tuple(float(s) for s in self.scale)
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1: {self.scale}")
+        for name in ("hflip", "random_erasing"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
+        if self.color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that shape the batch sequence; a resume must not change any of them."""
+        fields = dataclasses.asdict(self)
+        fields.pop("num_samples")
+        fields["scale"] = list(self.scale)
+        return fields
+
+
+@dataclass
+class ResumePoint:
+    """Where each worker role stopped, counted over the batches the trainer actually received
+    (batches prefetched by workers but never handed out are replayed)."""
+
+    batches_yielded: int
+    consumed: list[int]  # raw post-shuffle samples taken by each role (usable or not)
+    skipped: list[int]  # of those, how many were unusable
+
+    @classmethod
+    def start(cls, roles: int) -> ResumePoint:
+        return cls(0, [0] * roles, [0] * roles)
+
+
+class TrainStream(IterableDataset):
+    """The per-worker infinite batch stream. Built by TrainLoader; rarely useful alone."""
+
+    def __init__(
+        self, cfg: DataConfig, sources: list[list[str]], weights: list[float],
+        tokenize: Tokenize, pad_id: int, rank: int, world_size: int, resume: ResumePoint,
+    ) -> None:
+        self.cfg, self.sources, self.weights = cfg, sources, weights
+        self.tokenize, self.pad_id = tokenize, pad_id
+        self.rank, self.world_size, self.resume = rank, world_size, resume
+        self.roles = max(cfg.workers, 1)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        local_id = info.id if info is not None else 0
+        # DataLoader takes batch i from worker i % workers. A loader resumed after b batches must
+        # hand out the batch of role b % workers first, so its worker 0 plays that role.
+        role = (local_id + self.resume.batches_yielded) % self.roles
+        try:
+            yield from self._batches(role)
+        except DataError as exn:
+            yield {_DATA_ERROR_KEY: str(exn)}
+
+    def raw_samples(self, role: int) -> Iterator[dict[str, Any]]:
+        """The post-shuffle raw sample stream of one worker role (the part replayed on resume)."""
+        cfg = self.cfg
+        global_worker = self.rank * self.roles + role
+        visits = count()  # shared by all sources of this worker: ids stay unique
+        streams = [
+            source_stream(
+                urls, seed=cfg.seed, source=i, resampled=cfg.resampled, shuffle=cfg.shard_shuffle,
+                worker=global_worker, num_workers=self.world_size * self.roles, visits=visits,
+            )
+            for i, urls in enumerate(self.sources)
+        ]
+        mix_rng = random.Random(derive_seed(cfg.seed, "mix", global_worker))
+        mixed = mix_streams(streams, self.weights, mix_rng)
+        shuffle_rng = random.Random(derive_seed(cfg.seed, "shuffle", global_worker))
+        return shuffle_buffer(mixed, cfg.sample_shuffle_buffer, shuffle_rng)
+
+    def _batches(self, role: int) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        global_worker = self.rank * self.roles + role
+        transform = build_train_transform(cfg)
+        raw = self.raw_samples(role)
+        judge = ShardJudge()
+        consumed, skipped = self.resume.consumed[role], self.resume.skipped[role]
+        for _ in range(consumed):  # resume: replay without decoding
+            judge.record(next(raw), usable=None)
+        images: list[torch.Tensor] = []
+        token_lists: list[Sequence[int]] = []
+        for item in raw:
+            # Seeding per raw sample index makes augmentation independent of history (resume).
+            augment_seed = derive_seed(cfg.seed, "augment", global_worker, consumed)
+            consumed += 1
+            try:
+                pixels, tokens = decode_sample(item, transform, self.tokenize, augment_seed)
+            except SkipSample as skip:
+                skipped += 1
+                if skipped <= _SKIPS_LOGGED_PER_WORKER:
+                    logger.warning("skipping sample %r of %s: %s", item.get("__key__"),
+                                   item.get("__url__"), skip)
+                error = judge.record(item, usable=False, reason=str(skip))
+                if error:
+                    raise DataError(error)
+                continue
+            judge.record(item, usable=True)
+            images.append(pixels)
+            token_lists.append(tokens)
+            if len(images) == cfg.batch_size:
+                batch = collate(images, token_lists, self.pad_id)
+                batch.update(__role__=role, __consumed__=consumed, __skipped__=skipped)
+                yield batch
+                images, token_lists = [], []
+
+
+def _source_sizes(sources: list[list[str]]) -> list[int] | None:
+    """Samples per source from sizes.json, or None unless every source has a positive count."""
+    try:
+        sizes = [sum(read_shard_sizes(urls)) for urls in sources]
+    except (ValueError, OSError):
+        return None
+    return sizes if all(size > 0 for size in sizes) else None
+
+
+class TrainLoader:
+    """Infinite iterator of training batches for one rank, with exact resume.
+
+    state_dict() after the trainer has taken k batches, passed back as `state=`, gives a loader
+    whose batches are exactly batches k, k+1, ... of the uninterrupted run. The state is per rank
+    (each rank must save its own) and JSON-serializable; the data config, rank, world size and
+    worker count must not change across the resume (checked, DataError otherwise).
+    """
+
+    def __init__(
+        self, cfg: DataConfig, tokenize: Tokenize, pad_id: int, rank: int = 0,
+        world_size: int = 1, state: dict[str, Any] | None = None,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got {rank=} {world_size=}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.roles = max(cfg.workers, 1)
+        try:
+            sources = expand_sources(cfg.train_shards)
+        except (ValueError, OSError) as exn:
+            raise DataError(f"train_shards: {exn}") from None
+        # sizes.json is only needed for defaults (and may be remote): read it only then.
+        need_sizes = cfg.num_samples is None or cfg.train_data_weights is None
+        sizes = _source_sizes(sources) if need_sizes else None
+        if cfg.num_samples is not None:
+            self.num_samples = cfg.num_samples
+        elif sizes is not None:
+            self.num_samples = sum(sizes)
+        else:
+            raise DataError(
+                "num_samples is not set and sizes.json is missing or incomplete beside the "
+                f"shards of {cfg.train_shards!r}; set num_samples"
+            )
+        weights = cfg.train_data_weights or sizes or [len(urls) for urls in sources]
+        self._resume = (
+            ResumePoint.start(self.roles) if state is None else self._resume_point(state)
+        )
+        self._progress = ResumePoint(
+            self._resume.batches_yielded, list(self._resume.consumed), list(self._resume.skipped)
+        )
+        stream = TrainStream(
+            cfg, sources, list(weights), tokenize, pad_id, rank, world_size, self._resume
+        )
+        self._loader = DataLoader(
+            stream,
+            batch_size=None,  # batches are built in the workers (dynamic padding, bookkeeping)
+            num_workers=cfg.workers,
+            persistent_workers=cfg.workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        self._iterator: Iterator[dict[str, Any]] | None = None
+
+    def _resume_point(self, state: dict[str, Any]) -> ResumePoint:
+        expected = {
+            "rank": self.rank, "world_size": self.world_size, "config": self.cfg.fingerprint(),
+        }
+        changed = [key for key, value in expected.items() if state.get(key) != value]
+        if changed or len(state.get("consumed", [])) != self.roles:
+            if "config" in changed:
+                old = state.get("config") or {}
+                changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in expected["config"].items()
+                           if old.get(k) != v] + [c for c in changed if c != "config"]
+            raise DataError(f"cannot resume the data stream exactly, changed: {', '.join(changed)}")
+        return ResumePoint(
+            state["batches_yielded"], list(state["consumed"]), list(state["skipped"])
+        )
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = iter(self._loader)
+        batch = next(self._iterator)
+        if _DATA_ERROR_KEY in batch:
+            self.close()
+            raise DataError(batch[_DATA_ERROR_KEY])
+        role = batch.pop("__role__")
+        progress = self._progress
+        expected_role = progress.batches_yielded % self.roles
+        if role != expected_role:
+            # Exact resume rests on DataLoader's round-robin over workers; fail loudly if not.
+            raise RuntimeError(f"batch from worker role {role}, expected role {expected_role}")
+        progress.consumed[role] = batch.pop("__consumed__")
+        progress.skipped[role] = batch.pop("__skipped__")
+        progress.batches_yielded += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches_yielded": self._progress.batches_yielded,
+            "consumed": list(self._progress.consumed),
+            "skipped": list(self._progress.skipped),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "config": self.cfg.fingerprint(),
+        }
+
+    @property
+    def skipped_samples(self) -> int:
+        """Unusable samples met so far by this rank's workers (for the batches handed out)."""
+        return sum(self._progress.skipped)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        """The trainer's "epoch" for logging and LR schedules: num_samples // global batch."""
+        if global_batch <= 0:
+            raise ValueError(f"global_batch must be > 0, got {global_batch}")
+        return max(1, self.num_samples // global_batch)
+
+    def close(self) -> None:
+        """Stop the worker processes (also happens when the loader is garbage-collected)."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def build_train_loader(
+    cfg: DataConfig, tokenize: Tokenize, pad_id: int, rank: int = 0, world_size: int = 1,
+    state: dict[str, Any] | None = None,
+) -> TrainLoader:
+    """tokenize must be picklable (it is sent to worker processes); state from state_dict()."""
+    return TrainLoader(cfg, tokenize, pad_id, rank=rank, world_size=world_size, state=state)
+
+
+class EvalStream(IterableDataset):
+    """One pass over the shards, in order, split across workers (no wrap-around: a worker
+    without shards yields nothing, so no sample is seen twice)."""
+
+    def __init__(
+        self, urls: list[str], image_size: int, batch_size: int, tokenize: Tokenize, pad_id: int
+    ) -> None:
+        self.urls, self.image_size, self.batch_size = urls, image_size, batch_size
+        self.tokenize, self.pad_id = tokenize, pad_id
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        try:
+            yield from self._batches(self.urls[worker::workers])
+        except DataError as exn:
+            yield {_DATA_ERROR_KEY: str(exn)}
+
+    def _batches(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        transform = build_eval_transform(self.image_size)
+        judge = ShardJudge()
+        images, token_lists, keys, metas = [], [], [], []
+        for visit, url in enumerate(urls):
+            for item in read_shard(url, visit):
+                try:
+                    pixels, tokens = decode_sample(item, transform, self.tokenize)
+                except SkipSample as skip:
+                    logger.warning("skipping eval sample %r of %s: %s", item["__key__"], url, skip)
+                    error = judge.record(item, usable=False, reason=str(skip))
+                    if error:
+                        raise DataError(error)
+                    continue
+                judge.record(item, usable=True)
+                images.append(pixels)
+                token_lists.append(tokens)
+                keys.append(item["__key__"])
+                metas.append(decode_metadata(item))
+                if len(images) == self.batch_size:
+                    yield dict(collate(images, token_lists, self.pad_id), keys=keys, meta=metas)
+                    images, token_lists, keys, metas = [], [], [], []
+        if images:
+            yield dict(collate(images, token_lists, self.pad_id), keys=keys, meta=metas)
+
+
+class EvalLoader:
+    """Re-iterable; each pass yields dict(image, text, keys: list[str], meta: list[dict])."""
+
+    def __init__(self, stream: EvalStream, workers: int) -> None:
+        self._loader = DataLoader(
+            stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available()
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self._loader:
+            if _DATA_ERROR_KEY in batch:
+                raise DataError(batch[_DATA_ERROR_KEY])
+            yield batch
+
+
+def build_eval_loader(
+    shards: str | Sequence[str], image_size: int, batch_size: int, tokenize: Tokenize,
+    pad_id: int, workers: int = 0,
+) -> EvalLoader:
+    """Finite, unshuffled, eval transform. shards: same syntax as train_shards (sources joined
+    with `::` are concatenated) or a list of shard URLs."""
+    try:
+        if isinstance(shards, str):
+            urls = [url for source in expand_sources(shards) for url in source]
+        else:
+            urls = list(shards)
+    except (ValueError, OSError) as exn:
+        raise DataError(f"eval shards: {exn}") from None
+    if not urls:
+        raise DataError("eval shards: empty list")
+    return EvalLoader(EvalStream(urls, image_size, batch_size, tokenize, pad_id), workers)

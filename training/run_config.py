@@ -1,0 +1,98 @@
+"""The full configuration of a training run: one typed section per component.
+
+A run is described by a TOML file under `configs/` (each starts with a comment saying how to launch
+it and what it should reach) plus `section.key=value` overrides on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from training.config_loading import from_dict, load_tree
+from training.data import DataConfig
+from training.losses import LossConfig
+from training.optim import OptimConfig
+from training.precision import PrecisionName
+from training.run_log import LogConfig
+
+
+@dataclass
+class ModelChoice:
+    """A named architecture from training.model.configs plus the options users toggle per run."""
+
+    name: str = "tiny"
+    image_pretrained_path: str | None = None  # local timm-format weights for the image tower
+    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped while training
+    lock_image: bool = False  # LiT: freeze the image tower
+    lock_text: bool = False
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        from training.model.configs import MODEL_CONFIGS
+
+        if self.name not in MODEL_CONFIGS:
+            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout must lie in [0, 1), got {self.patch_dropout}")
+        if self.lock_image and self.lock_text:
+            raise ValueError("model.lock_image and model.lock_text together leave nothing to train")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 0  # optimizer steps; 0 means epochs x steps per epoch
+    epochs: float = 1.0
+    accum_steps: int = 1  # micro-batches per optimizer step (each is its own contrastive batch)
+    precision: PrecisionName = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 3
+    resume: str | None = None  # "latest" or a checkpoint path
+    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError("train.steps must be >= 0")
+        if self.steps == 0 and self.epochs <= 0:
+            raise ValueError("set train.steps or a positive train.epochs")
+        if self.accum_steps < 1:
+            raise ValueError("train.accum_steps must be >= 1")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError("train.max_nonfinite_steps must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig
+    tokenizer: str = ""  # path to tokenizer.json; empty = tokenizer.json beside the train shards
+    model: ModelChoice = field(default_factory=ModelChoice)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def tokenizer_path(self) -> Path:
+        if self.tokenizer:
+            return Path(self.tokenizer)
+        first_source = self.data.train_shards.split("::")[0]
+        folder = Path(first_source)
+        if not folder.is_dir():
+            folder = folder.parent
+        # The demo layout keeps the tokenizer one level up, beside train/ val/ heldout/.
+        for candidate in (folder / "tokenizer.json", folder.parent / "tokenizer.json"):
+            if candidate.is_file():
+                return candidate
+        return folder / "tokenizer.json"
+
+
+def load_run_config(config_path: str | None, overrides: list[str]) -> RunConfig:
+    tree = load_tree(config_path, overrides)
+    tree.setdefault("data", {})
+    return from_dict(RunConfig, tree)

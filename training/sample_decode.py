@@ -1,0 +1,136 @@
+"""Raw sample -> (image tensor, token ids), batching with dynamic padding, and shard judging.
+
+Runs inside dataloader workers, after the resume skip point (see `training.data`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from training.shard_stream import RawSample
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+
+
+class SkipSample(Exception):
+    """A raw sample that cannot be used; the reason is counted and logged, never fatal."""
+
+
+def decode_image(raw: RawSample) -> Image.Image:
+    data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if data is None:
+        raise SkipSample(f"no image member (members: {member_names(raw)})")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now, so a truncated/corrupt file fails here and not in a transform
+        return image.convert("RGB")
+    except Exception as exn:  # noqa: BLE001 - PIL raises many types (OSError, ValueError, ...)
+        raise SkipSample(f"undecodable image: {exn!r}") from None
+
+
+def decode_caption(raw: RawSample) -> str:
+    data = raw.get(CAPTION_EXTENSION)
+    if data is None:
+        raise SkipSample(f"no .{CAPTION_EXTENSION} caption (members: {member_names(raw)})")
+    try:
+        caption = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SkipSample("caption is not UTF-8") from None
+    if not caption:
+        raise SkipSample("empty caption")
+    return caption
+
+
+def decode_metadata(raw: RawSample) -> dict[str, Any]:
+    """The img2dataset .json member, or {} if absent or unparsable (metadata is never required)."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def member_names(raw: RawSample) -> str:
+    return ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+
+
+def decode_sample(
+    raw: RawSample,
+    transform: Callable[[Image.Image], torch.Tensor],
+    tokenize: Callable[[str], Sequence[int]],
+    augment_seed: int | None = None,
+) -> tuple[torch.Tensor, Sequence[int]]:
+    """Raises SkipSample for anything wrong with the data. Tokenizer errors propagate: they are
+    bugs, not bad data.
+
+    augment_seed: if given, the transform's random draws come from torch's generator seeded with
+    it, inside fork_rng so the caller's RNG state (the trainer's, when workers=0) is untouched.
+    """
+    if "__error__" in raw:
+        raise SkipSample(raw["__error__"])
+    caption = decode_caption(raw)  # cheaper than the image: check it first
+    image = decode_image(raw)
+    if augment_seed is None:
+        pixels = transform(image)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augment_seed)
+            pixels = transform(image)
+    tokens = tokenize(caption)
+    if len(tokens) == 0:
+        raise SkipSample("caption tokenized to nothing")
+    return pixels, tokens
+
+
+def collate(
+    images: list[torch.Tensor], token_lists: list[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Stack images; pad texts to the longest caption *of this batch* (dynamic text length:
+    short captions cost no attention over padding)."""
+    longest = max(len(tokens) for tokens in token_lists)
+    text = torch.full((len(token_lists), longest), pad_id, dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        text[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+    return {"image": torch.stack(images), "text": text}
+
+
+class ShardJudge:
+    """Notices a shard reading in which not a single sample was usable.
+
+    Such a shard means a wrong dataset (e.g. .cls labels but no .txt captions), not bad luck:
+    skipping it forever would turn into a silent hang (OpenCLIP's failure mode), so `record`
+    returns an error message once the whole reading has gone through decoding. Readings of
+    which some samples were skipped unseen on resume are never judged.
+    """
+
+    def __init__(self) -> None:
+        # visit id -> [items seen, usable items, total items or None, unjudgeable, first reason]
+        self._visits: dict[int, list[Any]] = {}
+
+    def record(self, raw: RawSample, usable: bool | None, reason: str = "") -> str | None:
+        """usable=None: skipped without decoding (resume). Returns an error message or None."""
+        state = self._visits.setdefault(raw["__visit__"], [0, 0, None, False, ""])
+        state[0] += 1
+        if usable:
+            state[1] += 1
+        elif usable is None:
+            state[3] = True
+        elif not state[4]:
+            state[4] = reason
+        if "__visit_total__" in raw:
+            state[2] = raw["__visit_total__"]
+        if state[2] is None or state[0] < state[2]:
+            return None
+        seen, usable_count, _, unjudgeable, first_reason = self._visits.pop(raw["__visit__"])
+        if usable_count or unjudgeable:
+            return None
+        return (
+            f"shard {raw['__url__']} yielded no usable sample ({seen} read, all skipped; "
+            f"first reason: {first_reason})"
+        )
