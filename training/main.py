@@ -142,6 +142,7 @@ def run(cfg: RunConfig) -> Progress:
                 progress=progress,
                 config=config_dict,
                 global_batch=global_batch,
+                tokenizer_json=tokenizer.to_json(),
             )
         finally:
             log.close()

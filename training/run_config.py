@@ -54,6 +54,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None  # "latest" or a checkpoint path
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    # Stop (with a checkpoint) once this step is reached, leaving the schedule as if the run went
+    # on: for clusters that hand out fixed time slices, and for resume tests. 0 = run to the end.
+    stop_at_step: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0:

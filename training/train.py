@@ -5,6 +5,7 @@ dtype autocast uses: engine.py and precision.py own those decisions."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -140,7 +141,9 @@ def _timed_batches(loader, device) -> Iterator[tuple[dict[str, torch.Tensor], fl
         yield _to_device(batch, device), time.perf_counter() - started
 
 
-def checkpoint_state(model, optimizer, precision, loader, env, progress, config, wandb_id) -> dict:
+def checkpoint_state(
+    model, optimizer, precision, loader, env, progress, config, wandb_id, tokenizer_json
+) -> dict:
     """Everything needed to continue exactly; per-rank parts are gathered from every rank."""
     rng_states = gather_objects(ckpt.capture_rng(), env)
     data_states = gather_objects(loader.state_dict(), env)
@@ -151,6 +154,7 @@ def checkpoint_state(model, optimizer, precision, loader, env, progress, config,
         "rng": rng_states,
         "data": data_states,
         "config": config,
+        "tokenizer": tokenizer_json,
         "wandb_run_id": wandb_id,
         "metrics": progress.as_dict(),
         "world_size": env.world_size,
@@ -173,6 +177,7 @@ def train(
     progress: Progress,
     config: dict[str, Any],
     global_batch: int,
+    tokenizer_json: str,
 ) -> Progress:
     """Run optimizer steps until `total_steps` or a stop signal; checkpoint on the way out."""
     run_dir = Path(train_cfg.run_dir)
@@ -182,14 +187,18 @@ def train(
 
     def save() -> None:
         state = checkpoint_state(
-            model, optimizer, precision, loader, env, progress, config, log.wandb_run_id
+            model, optimizer, precision, loader, env, progress, config, log.wandb_run_id,
+            tokenizer_json,
         )
         if env.is_main:
             path = ckpt.save_checkpoint(run_dir, progress.step, state, train_cfg.keep_checkpoints)
             log.message(f"checkpoint: {path}")
 
+    first_step = progress.step
     try:
         while progress.step < total_steps:
+            if train_cfg.stop_at_step and progress.step >= train_cfg.stop_at_step:
+                break
             lr = lr_at(progress.step, total_steps, optim_cfg)
             set_lr(optimizer, lr)
             micro, data_s = [], 0.0
@@ -255,11 +264,18 @@ def train(
             if train_cfg.checkpoint_every and progress.step % train_cfg.checkpoint_every == 0:
                 if progress.step < total_steps:
                     save()
-        save()
+        if progress.step > first_step:  # a finished run that is resumed saves nothing new
+            save()
     finally:
         stop.restore()
-    if stop.received:
-        log.message(f"stopped early by {stop.received}; resume with train.resume=latest")
+    if progress.step >= total_steps and env.is_main:
+        # Marker for eval watchers (eval.run --watch): no further checkpoint will appear.
+        (run_dir / "finished.json").write_text(
+            json.dumps({"step": progress.step, "time": time.time()}) + "\n"
+        )
+    elif env.is_main:
+        why = stop.received or f"train.stop_at_step={train_cfg.stop_at_step}"
+        log.message(f"stopped at step {progress.step} ({why}); continue with train.resume=latest")
     return progress
 
 

@@ -1,0 +1,164 @@
+"""The trainer end to end, as users run it: real shards from the demo pipeline, the real CLI,
+torchrun for several processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as ckpt
+from training.trained_model import load_trained_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_shards, tmp_path_factory) -> Path:
+    """A writable copy of the demo corpus with a tokenizer trained on its captions."""
+    root = tmp_path_factory.mktemp("train_corpus") / "corpus"
+    shutil.copytree(demo_shards, root)
+    result = _run("training.tokenizer", "--shards", str(root / "train"), "--out", str(root / "tokenizer.json"))
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    return env
+
+
+def _run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=_env(),
+    )
+
+
+def _train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "configs/tiny_demo.toml",
+        f"data.train_shards={corpus / 'train'}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.workers=1",
+        "data.sample_shuffle_buffer=64",
+        "optim.warmup_steps=2",
+        f"train.run_dir={run_dir}",
+        "train.checkpoint_every=0",
+        "log.every=1",
+        "log.progress_bar=false",
+        *extra,
+    ]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["last_loss"] for line in lines]
+
+
+def test_short_run_lowers_the_loss_clearly(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run("training.main", *_train_args(corpus, run_dir, "train.steps=40", "optim.lr=3e-3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = _losses(run_dir)
+    assert len(losses) == 40
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert first == pytest.approx(math.log(16), abs=0.6)  # starts near chance
+    assert last < 0.6 * first, losses
+    assert (run_dir / "finished.json").is_file()
+    trained = load_trained_model(ckpt.latest_checkpoint(run_dir))
+    assert trained.step == 40 and trained.image_size == 32
+
+
+def test_resumed_run_repeats_the_uninterrupted_loss_sequence(corpus, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("train.steps=8", "data.workers=2", "data.hflip=0.5")
+    result = _run("training.main", *_train_args(corpus, straight, *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run("training.main", *_train_args(corpus, split, *common, "train.stop_at_step=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (split / "finished.json").exists()
+    assert [p.name for p in ckpt.list_checkpoints(split)] == ["step_00000003.pt"]
+    result = _run("training.main", *_train_args(corpus, split, *common, "train.resume=latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    expected, resumed = _losses(straight), _losses(split)
+    assert len(expected) == len(resumed) == 8
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), rtol=0, atol=1e-6)
+    final_a = ckpt.load_checkpoint(ckpt.latest_checkpoint(straight))["model"]
+    final_b = ckpt.load_checkpoint(ckpt.latest_checkpoint(split))["model"]
+    for name in final_a:
+        torch.testing.assert_close(final_b[name], final_a[name], rtol=0, atol=0)
+
+
+def test_torchrun_two_processes_train_the_same_code(corpus, tmp_path):
+    run_dir = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "training.main", *_train_args(corpus, run_dir, "train.steps=4"),
+    ]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s)" in result.stdout
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["data"]) == 2
+    assert state["metrics"]["samples_seen"] == 4 * 16 * 2
+    losses = _losses(run_dir)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_existing_run_is_never_overwritten(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    assert _run("training.main", *_train_args(corpus, run_dir, "train.steps=1")).returncode == 0
+    before = ckpt.latest_checkpoint(run_dir).read_bytes()
+    result = _run("training.main", *_train_args(corpus, run_dir, "train.steps=1"))
+    assert result.returncode == 2
+    assert "train.resume=latest" in result.stderr and "Traceback" not in result.stderr
+    assert ckpt.latest_checkpoint(run_dir).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key train.stepz"),
+        ("data.batch_size=lots", "data.batch_size: expected an integer"),
+        ("model.name=giant", "unknown model 'giant'"),
+    ],
+)
+def test_config_mistakes_are_one_line(corpus, tmp_path, override, message):
+    result = _run("training.main", *_train_args(corpus, tmp_path / "run", override))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_shard_without_usable_samples_stops_with_its_name(corpus, tmp_path):
+    # OpenCLIP hangs on a shard that has .cls labels but no captions; we stop and name it.
+    shards = tmp_path / "bad"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for i in range(4):
+            src = next((corpus / "train").glob("*.tar"))
+            with tarfile.open(src) as good:
+                jpg = next(m for m in good.getmembers() if m.name.endswith(".jpg"))
+                data = good.extractfile(jpg).read()
+            for suffix, payload in ((".jpg", data), (".cls", b"3")):
+                info = tarfile.TarInfo(f"{i:05d}{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    args = _train_args(corpus, tmp_path / "run", "train.steps=2", "data.num_samples=4")
+    args = [a if not a.startswith("data.train_shards=") else f"data.train_shards={shards}" for a in args]
+    args.append(f"tokenizer={corpus / 'tokenizer.json'}")
+    result = _run("training.main", *args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "00000.tar" in result.stderr and "Traceback" not in result.stderr

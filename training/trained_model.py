@@ -1,0 +1,48 @@
+"""Rebuild a trained CLIP from one of our checkpoints: model, tokenizer and metadata.
+
+Checkpoints carry the fitted model config and the tokenizer's JSON, so eval jobs, search and
+exports need nothing but the checkpoint file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training import checkpoint as ckpt
+from training.model import CLIP, build_model
+from training.model.configs import ClipModelConfig
+from training.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainedModel:
+    model: CLIP
+    tokenizer: Tokenizer
+    model_config: ClipModelConfig
+    step: int
+    image_size: int
+    path: Path
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = ckpt.load_checkpoint(path)
+    config = state["config"]
+    model_cfg = ClipModelConfig.from_dict(config["model_config"])
+    tokenizer = Tokenizer.from_json(state["tokenizer"], context_length=model_cfg.text.context_length)
+    model = build_model(model_cfg)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return TrainedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_config=model_cfg,
+        step=int(state["step"]),
+        image_size=model_cfg.vision.image_size,
+        path=path,
+    )
