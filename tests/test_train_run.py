@@ -6,10 +6,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,51 +15,12 @@ import torch
 from training import checkpoint as ckpt
 from training.trained_model import load_trained_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from trainer_cli import torchrun, writable_corpus, losses as _losses, run as _run, train_args as _train_args
 
 
 @pytest.fixture(scope="module")
 def corpus(demo_shards, tmp_path_factory) -> Path:
-    """A writable copy of the demo corpus with a tokenizer trained on its captions."""
-    root = tmp_path_factory.mktemp("train_corpus") / "corpus"
-    shutil.copytree(demo_shards, root)
-    result = _run("training.tokenizer", "--shards", str(root / "train"), "--out", str(root / "tokenizer.json"))
-    assert result.returncode == 0, result.stderr
-    return root
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    return env
-
-
-def _run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=_env(),
-    )
-
-
-def _train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", "configs/tiny_demo.toml",
-        f"data.train_shards={corpus / 'train'}",
-        "data.image_size=32",
-        "data.batch_size=16",
-        "data.workers=1",
-        "data.sample_shuffle_buffer=64",
-        "optim.warmup_steps=2",
-        f"train.run_dir={run_dir}",
-        "train.checkpoint_every=0",
-        "log.every=1",
-        "log.progress_bar=false",
-        *extra,
-    ]
-
-
-def _losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["last_loss"] for line in lines]
+    return writable_corpus(demo_shards, tmp_path_factory)
 
 
 def test_short_run_lowers_the_loss_clearly(corpus, tmp_path):
@@ -103,11 +60,7 @@ def test_resumed_run_repeats_the_uninterrupted_loss_sequence(corpus, tmp_path):
 
 def test_torchrun_two_processes_train_the_same_code(corpus, tmp_path):
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "training.main", *_train_args(corpus, run_dir, "train.steps=4"),
-    ]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    result = torchrun(2, *_train_args(corpus, run_dir, "train.steps=4"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 rank(s)" in result.stdout
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))

@@ -19,7 +19,8 @@ from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
 from training.config_loading import ConfigError, to_dict
 from training.data import DataError, build_train_loader
-from training.engine import setup_distributed, teardown_distributed, wrap_model
+from training.engines import build_engine
+from training.process_group import setup_distributed, teardown_distributed
 from training.losses import build_loss
 from training.model import build_model
 from training.model.configs import MODEL_CONFIGS, ClipModelConfig, for_siglip, with_tokenizer
@@ -94,29 +95,28 @@ def run(cfg: RunConfig) -> Progress:
             resume_from = Path(cfg.train.resume)
             if not resume_from.is_file():
                 raise UserError(f"train.resume: no checkpoint at {resume_from}")
-        elif ckpt.latest_checkpoint(run_dir) is not None and env.is_main:
+        elif ckpt.latest_checkpoint(run_dir) is not None:
             raise UserError(
                 f"{run_dir} already holds checkpoints; pass train.resume=latest to continue it "
                 f"or choose another train.run_dir (nothing is overwritten)"
             )
 
-        state = ckpt.load_checkpoint(resume_from) if resume_from else None
-        model = model.to(env.device)
+        global_batch = cfg.data.batch_size * env.world_size * cfg.train.accum_steps
+        engine = build_engine(
+            cfg.engine, model, optimizer, precision, env, cfg.optim.grad_clip, cfg.train.compile,
+            cfg.data.batch_size, cfg.train.accum_steps,
+        )
         progress, data_state, wandb_id = Progress(), None, None
-        log_placeholder = _Messages(env.is_main)
-        if state is not None:
-            progress, data_state = restore_from_checkpoint(
-                state, model, optimizer, precision, env, log_placeholder
-            )
+        messages = _Messages(env.is_main)
+        if resume_from is not None:
+            progress, data_state, state = restore_from_checkpoint(engine, resume_from, env, messages)
             wandb_id = state.get("wandb_run_id")
-            log_placeholder.message(f"resumed from {resume_from} at step {progress.step}")
+            messages.message(f"resumed from {resume_from} at step {progress.step}")
 
         loader = build_train_loader(
             cfg.data, tokenizer.encode, tokenizer.pad_id, env.rank, env.world_size, data_state
         )
-        global_batch = cfg.data.batch_size * env.world_size * cfg.train.accum_steps
         total_steps = total_steps_for(cfg.train, loader.steps_per_epoch(global_batch))
-        wrapped = wrap_model(model, env, cfg.train.compile)
         loss_fn = build_loss(cfg.loss)
         log = RunLog(cfg.log, run_dir, total_steps, progress.step, config_dict, env.is_main, wandb_id)
         try:
@@ -125,13 +125,11 @@ def run(cfg: RunConfig) -> Progress:
                 log.message(
                     f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters; "
                     f"{env.world_size} rank(s) on {env.device}; global batch {global_batch}; "
-                    f"{total_steps} steps; precision {cfg.train.precision}"
+                    f"{total_steps} steps; precision {cfg.train.precision}; engine {cfg.engine.name}"
                 )
             return train(
-                model=wrapped,
+                engine=engine,
                 loss_fn=loss_fn,
-                optimizer=optimizer,
-                precision=precision,
                 loader=loader,
                 env=env,
                 train_cfg=cfg.train,

@@ -12,6 +12,7 @@ from typing import Literal
 
 from training.config_loading import from_dict, load_tree
 from training.data import DataConfig
+from training.engines import EngineConfig
 from training.losses import LossConfig
 from training.optim import OptimConfig
 from training.precision import PrecisionName
@@ -79,6 +80,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def tokenizer_path(self) -> Path:

@@ -1,10 +1,9 @@
 """The training loop: `train_step` does one optimizer step, `train` decides when to log,
-checkpoint and stop. Nothing here knows whether the model is wrapped in DDP or compiled, or which
-dtype autocast uses: engine.py and precision.py own those decisions."""
+checkpoint and stop. Nothing here knows whether DDP or DeepSpeed runs the model, or in which
+dtype: engines.py and precision.py own those decisions."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -14,12 +13,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
 
 from training import checkpoint as ckpt
-from training.engine import Distributed, sum_over_ranks, gather_objects, unwrap_model
+from training.process_group import Distributed, gather_objects, sum_over_ranks
 from training.optim import OptimConfig, lr_at, set_lr
-from training.precision import Precision
 from training.run_config import TrainConfig
 from training.run_log import RunLog
 
@@ -76,58 +73,39 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.T
 
 
 def train_step(
-    model: nn.Module,
+    engine,
     micro_batches: list[dict[str, torch.Tensor]],
     loss_fn: Callable[..., torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    grad_clip: float,
     env: Distributed,
     stop: StopSignal | None = None,
 ) -> StepResult:
-    """Forward, loss, backward over the micro-batches, then clip and step, unless the loss is
-    non-finite on any rank, in which case every rank skips the update together."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler = precision.scaler
+    """Forward, loss and backward over the micro-batches, then clip and step, unless the loss
+    is non-finite on any rank, in which case every rank skips the update together."""
+    engine.zero_grad()
     total_loss = torch.zeros((), device=env.device)
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        # Accumulating micro-batches: only the last backward all-reduces gradients under DDP.
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with precision.autocast():
-                out = model(batch["image"], batch["text"])
+        with engine.accumulate(last):
+            out = engine.forward(batch["image"], batch["text"])
             loss = loss_fn(
                 out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
             )
-            scaler.scale(loss / len(micro_batches)).backward()
-        total_loss += loss.detach() / len(micro_batches)
+            engine.backward(loss, len(micro_batches), last)
+        total_loss += loss.detach().float() / len(micro_batches)
 
     # One small collective per step (all ranks, float tensor [3] in and out): each rank's loss
     # covers only its own rows, so the global loss is the mean over ranks; the flags make every
     # rank skip a non-finite step, or stop for a signal, together. This is the step's host sync.
     local = torch.stack(
         [
-            total_loss.float(),
+            total_loss,
             (~torch.isfinite(total_loss)).float(),
             torch.tensor(float(bool(stop and stop.received)), device=env.device),
         ]
     )
     loss_sum, nonfinite, stop_requested = sum_over_ranks(local, env).tolist()
-    global_loss = loss_sum / env.world_size
-    if nonfinite:
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(global_loss, float("nan"), False, stop_requested > 0)
-
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    scaler.step(optimizer)
-    scaler.update()
-    return StepResult(global_loss, float(grad_norm), True, stop_requested > 0)
+    grad_norm = engine.finish_step(skip=nonfinite > 0)
+    return StepResult(loss_sum / env.world_size, grad_norm, nonfinite == 0, stop_requested > 0)
 
 
 def _timed_batches(loader, device) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
@@ -141,18 +119,11 @@ def _timed_batches(loader, device) -> Iterator[tuple[dict[str, torch.Tensor], fl
         yield _to_device(batch, device), time.perf_counter() - started
 
 
-def checkpoint_state(
-    model, optimizer, precision, loader, env, progress, config, wandb_id, tokenizer_json
-) -> dict:
-    """Everything needed to continue exactly; per-rank parts are gathered from every rank."""
-    rng_states = gather_objects(ckpt.capture_rng(), env)
-    data_states = gather_objects(loader.state_dict(), env)
+def checkpoint_extras(loader, env, progress, config, wandb_id, tokenizer_json) -> dict:
+    """What a checkpoint holds besides model and optimizer; per-rank parts come from every rank."""
     return {
-        "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": precision.scaler.state_dict(),
-        "rng": rng_states,
-        "data": data_states,
+        "rng": gather_objects(ckpt.capture_rng(), env),
+        "data": gather_objects(loader.state_dict(), env),
         "config": config,
         "tokenizer": tokenizer_json,
         "wandb_run_id": wandb_id,
@@ -163,10 +134,8 @@ def checkpoint_state(
 
 def train(
     *,
-    model: nn.Module,
+    engine,
     loss_fn: Callable[..., torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
     loader,
     env: Distributed,
     train_cfg: TrainConfig,
@@ -186,12 +155,9 @@ def train(
     window = {"data_s": 0.0, "compute_s": 0.0, "steps": 0, "finite": 0, "loss": 0.0}
 
     def save() -> None:
-        state = checkpoint_state(
-            model, optimizer, precision, loader, env, progress, config, log.wandb_run_id,
-            tokenizer_json,
-        )
-        if env.is_main:
-            path = ckpt.save_checkpoint(run_dir, progress.step, state, train_cfg.keep_checkpoints)
+        extras = checkpoint_extras(loader, env, progress, config, log.wandb_run_id, tokenizer_json)
+        path = engine.save(run_dir, progress.step, extras, train_cfg.keep_checkpoints)
+        if path is not None:
             log.message(f"checkpoint: {path}")
 
     first_step = progress.step
@@ -200,16 +166,14 @@ def train(
             if train_cfg.stop_at_step and progress.step >= train_cfg.stop_at_step:
                 break
             lr = lr_at(progress.step, total_steps, optim_cfg)
-            set_lr(optimizer, lr)
+            set_lr(engine.optimizer, lr)
             micro, data_s = [], 0.0
             for _ in range(train_cfg.accum_steps):
                 batch, waited = next(batches)
                 micro.append(batch)
                 data_s += waited
             started = time.perf_counter()
-            result = train_step(
-                model, micro, loss_fn, optimizer, precision, optim_cfg.grad_clip, env, stop
-            )
+            result = train_step(engine, micro, loss_fn, env, stop)
             compute_s = time.perf_counter() - started
 
             progress.step += 1
@@ -236,7 +200,7 @@ def train(
             if progress.step % log_every == 0 or progress.step == total_steps:
                 elapsed = window["data_s"] + window["compute_s"]
                 local_batch = global_batch // env.world_size
-                scale = unwrap_model(model).logit_scale.exp().clamp(max=100).item()
+                scale = engine.module.logit_scale.float().exp().clamp(max=100).item()
                 log.log(
                     progress.step,
                     {
@@ -279,12 +243,10 @@ def train(
     return progress
 
 
-def restore_from_checkpoint(state, model, optimizer, precision, env, log) -> tuple[Progress, Any]:
-    """Load model/optimizer/scaler/RNG; return the progress counters and this rank's data state."""
-    unwrap_model(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:
-        precision.scaler.load_state_dict(state["scaler"])
+def restore_from_checkpoint(engine, path: Path, env: Distributed, log) -> tuple[Progress, Any, dict]:
+    """Load model/optimizer/scaler/RNG through the engine; return the progress counters, this
+    rank's data state (None when the world size changed) and the raw checkpoint dict."""
+    state = engine.load(path)
     progress = Progress(**state["metrics"])
     data_state = None
     if state.get("world_size") == env.world_size:
@@ -295,7 +257,7 @@ def restore_from_checkpoint(state, model, optimizer, precision, env, log) -> tup
             f"checkpoint was written by {state.get('world_size')} ranks, resuming on "
             f"{env.world_size}: model and optimizer restored, data order starts afresh"
         )
-    return progress, data_state
+    return progress, data_state, state
 
 
 def total_steps_for(train_cfg: TrainConfig, steps_per_epoch: int) -> int:

@@ -1,8 +1,8 @@
-"""The one place that knows how the model is run: process group, device, DDP, torch.compile.
+"""Rank bookkeeping: the process group, the device, and the few collectives the loop needs.
 
-Model and loss code never import this module; the trainer asks it for a wrapped model and for the
-rank bookkeeping. torchrun (or SLURM via launch/) sets RANK / WORLD_SIZE / LOCAL_RANK; a plain
-`python -m training.main` is a world of one with no process group at all.
+torchrun (or SLURM via launch/) sets RANK / WORLD_SIZE / LOCAL_RANK; a plain
+`python -m training.main` is a world of one with no process group at all. Model and loss code
+never import this module.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -63,36 +61,6 @@ def setup_distributed(device: str = "auto", timeout_minutes: int = 30) -> Distri
 def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wrap_model(model: nn.Module, env: Distributed, compile_model: bool) -> nn.Module:
-    """Move to the device, wrap in DDP when there are several ranks, optionally compile."""
-    model = model.to(env.device)
-    if env.enabled:
-        trainable = any(p.requires_grad for p in model.parameters())
-        if trainable:
-            model = DistributedDataParallel(
-                model,
-                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                # Every trainable parameter gets a gradient each step (locked towers have
-                # requires_grad=False, which DDP ignores), so the costly unused-parameter scan
-                # stays off.
-                find_unused_parameters=False,
-            )
-    if compile_model:
-        model = torch.compile(model)
-    return model
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model behind DDP and torch.compile wrappers (for checkpoints and eval)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def sum_over_ranks(values: torch.Tensor, env: Distributed) -> torch.Tensor:
