@@ -1,0 +1,23 @@
+"""URL list -> img2dataset -> webdataset shards, plus an offline demo corpus and a validator.
+
+Entry points (thin: parse, build, run):
+    shards.py             python -m data_pipeline.shards    (make shards / make demo)
+    validate.py           python -m data_pipeline.validate  (make validate)
+
+One URL list into one shard folder:
+    shard_config.py       ShardConfig, the typed options of a run
+    url_list.py           checks a URL list's file, columns and rows before img2dataset sees it
+    shard_files.py        what a shard folder may hold; reading tars back sample by sample
+    img2dataset_runner.py the img2dataset call (log redirection, Ctrl-C handling)
+    manifest.py           sizes.json, manifest.json, failure reasons, the summary table
+    shard_build.py        check -> download -> describe, for one folder
+
+The demo corpus:
+    demo_corpus.py        attribute vocabulary, HELD_OUT pairs, the deterministic row plan
+    captions.py           varied captions from a scene's attributes
+    shape_rendering.py    PIL drawing of each planned row, in parallel
+    loopback_server.py    HTTP server on 127.0.0.1 for the rendered files
+    demo_build.py         render -> serve -> download the train/val/heldout splits
+
+errors.py holds UserError and run_main, shared with the other packages' entry points.
+"""

@@ -1,0 +1,180 @@
+"""Check shard folders before training reads them (`make validate`).
+
+    python -m data_pipeline.validate DIR
+
+Opens every N.tar in DIR and checks that the tar is whole (not truncated), that every sample has
+an image that decodes and a non-empty caption (.txt), that each .json parses, and that
+sizes.json lists every tar with its true sample count. If DIR is a demo corpus (it holds train/,
+val/, heldout/), each of those folders is checked. Every problem is printed with its shard and
+sample key. Exit status: 0 all good, 1 problems found, 2 DIR is not a shard folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence, TextIO
+
+import fsspec
+from PIL import Image
+
+from data_pipeline.demo_corpus import SPLITS
+from data_pipeline.errors import UserError, run_main
+from data_pipeline.shard_files import SIZES_FILE, finished_shard_ids, read_tar, shard_tars
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_PRINTED_PROBLEMS = 50  # per folder; a broken writer can produce one problem per sample
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: str
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.shard} {self.key}" if self.key else self.shard
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class FolderReport:
+    folder: str
+    shards: int = 0
+    samples: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _image_problem(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # checks structure; the image must be reopened before decoding pixels
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+        return f"image does not decode ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _sample_problems(key: str, parts: dict[str, bytes]) -> list[str]:
+    problems = []
+    images = [ext for ext in IMAGE_EXTENSIONS if ext in parts]
+    if not images:
+        problems.append(f"no image (has only {', '.join(sorted(parts)) or 'nothing'})")
+    else:
+        problem = _image_problem(parts[images[0]])
+        if problem:
+            problems.append(f"{images[0]}: {problem}")
+    if "txt" not in parts:
+        problems.append("no caption (.txt missing)")
+    elif not parts["txt"].decode("utf-8", errors="replace").strip():
+        problems.append("empty caption (.txt)")
+    if "json" in parts:
+        try:
+            json.loads(parts["json"])
+        except ValueError as exc:
+            problems.append(f"unreadable .json ({exc})")
+    return problems
+
+
+def validate_folder(folder: str) -> FolderReport:
+    """Check one shard folder; problems are collected, never raised."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    report = FolderReport(folder)
+    tars = shard_tars(folder)
+    finished = finished_shard_ids(folder)
+    counts: dict[str, int] = {}
+    for name in tars:
+        report.shards += 1
+        with fs.open(f"{path}/{name}", "rb") as handle:
+            result = read_tar(handle)
+        if result.error:
+            report.problems.append(Problem(name, None, result.error))
+        if finished and int(name.split(".")[0]) not in finished:
+            report.problems.append(
+                Problem(
+                    name,
+                    None,
+                    "img2dataset did not finish this shard (no _stats.json); rerun with --incremental",
+                )
+            )
+        counts[name] = len(result.samples)
+        report.samples += len(result.samples)
+        for key, parts in result.samples.items():
+            report.problems.extend(Problem(name, key, message) for message in _sample_problems(key, parts))
+    report.problems.extend(_sizes_problems(fs, path, counts))
+    return report
+
+
+def _sizes_problems(fs: fsspec.AbstractFileSystem, path: str, counts: dict[str, int]) -> list[Problem]:
+    sizes_path = f"{path}/{SIZES_FILE}"
+    if not fs.exists(sizes_path):
+        return [Problem(SIZES_FILE, None, "missing: loaders cannot tell the dataset size")]
+    try:
+        with fs.open(sizes_path, "r") as handle:
+            sizes = json.load(handle)
+    except ValueError as exc:
+        return [Problem(SIZES_FILE, None, f"unreadable ({exc})")]
+    problems = []
+    for name, count in counts.items():
+        if name not in sizes:
+            problems.append(Problem(name, None, f"not listed in {SIZES_FILE} (holds {count} samples)"))
+        elif sizes[name] != count:
+            problems.append(
+                Problem(name, None, f"{SIZES_FILE} says {sizes[name]} samples, the tar holds {count}")
+            )
+    problems.extend(
+        Problem(name, None, f"listed in {SIZES_FILE} but missing") for name in sizes if name not in counts
+    )
+    return problems
+
+
+def folders_to_check(root: str) -> list[str]:
+    """The shard folders under `root`: its demo split folders if it has them, else root itself."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        raise UserError(f"no shard folder at {root}")
+    splits = [f"{root.rstrip('/')}/{s}" for s in SPLITS if fs.isdir(f"{path}/{s}")]
+    folders = splits or [root]
+    for folder in folders:
+        if not shard_tars(folder):
+            raise UserError(
+                f"{folder} holds no shard (*.tar); build one with `python -m data_pipeline.shards`"
+            )
+    return folders
+
+
+def print_report(report: FolderReport, out: TextIO) -> None:
+    for problem in report.problems[:MAX_PRINTED_PROBLEMS]:
+        print(f"  {problem}", file=out)
+    hidden = len(report.problems) - MAX_PRINTED_PROBLEMS
+    if hidden > 0:
+        print(f"  ... and {hidden} more problems", file=out)
+    verdict = "OK" if not report.problems else f"{len(report.problems)} PROBLEMS"
+    print(f"{report.folder}: {report.shards} shards, {report.samples} samples: {verdict}", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.validate",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", help="shard folder, or a demo corpus root holding train/ val/ heldout/")
+    args = parser.parse_args(argv)
+    reports = [validate_folder(folder) for folder in folders_to_check(args.dir)]
+    for report in reports:
+        print_report(report, sys.stdout)
+    broken = sum(len(r.problems) for r in reports)
+    if broken:
+        print(f"validation failed: {broken} problems in {args.dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
