@@ -45,7 +45,8 @@ from data_pipeline.shard_files import check_output_folder
 from data_pipeline.url_list import write_parquet_url_list
 
 CORPUS_FILE = "corpus.json"
-DEMO_ENTRIES = frozenset({*SPLITS, CORPUS_FILE})
+# tokenizer.json: the BPE `make tokenizer` trains on train/'s captions, kept beside the splits.
+DEMO_ENTRIES = frozenset({*SPLITS, CORPUS_FILE, "tokenizer.json"})
 
 
 def split_config(config: ShardConfig, split: str) -> ShardConfig:

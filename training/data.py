@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import random
+import signal
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, Callable, Iterator, Sequence
@@ -278,6 +279,7 @@ class TrainLoader:
             num_workers=cfg.workers,
             persistent_workers=cfg.workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_stop_signals,
         )
         self._iterator: Iterator[dict[str, Any]] | None = None
 
@@ -396,6 +398,14 @@ class EvalStream(IterableDataset):
                     images, token_lists, keys, metas = [], [], [], []
         if images:
             yield dict(collate(images, token_lists, self.pad_id), keys=keys, meta=metas)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM sends SIGTERM (scancel, time limit) or its USR1 warning to every process of a job
+    step, workers included. A worker that dies of it makes the trainer crash before its last
+    checkpoint; the trainer stops its workers itself once it has saved, so they ignore both."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class EvalLoader:
