@@ -13,7 +13,7 @@ SHARDS_ARGS ?=
 CONFIG ?= configs/tiny_demo.toml
 TRAIN_ARGS ?=
 
-.PHONY: install shards validate tokenizer train demo test clean
+.PHONY: install shards validate tokenizer train eval demo test clean
 
 install: $(STAMP)
 
@@ -36,14 +36,21 @@ tokenizer: $(STAMP)
 train: $(STAMP)
 	$(PY) -m training.main --config $(CONFIG) train.resume=latest $(TRAIN_ARGS)
 
-# The main job on the embedded default: shards -> validate -> tokenizer -> train -> report.
+# The main job on the embedded default: shards -> validate -> tokenizer -> train -> eval -> report.
 # Re-running is cheap: finished shards are skipped and a finished run is only reported.
 demo: $(STAMP)
 	$(PY) -m data_pipeline.shards --output $(DEMO) --incremental
 	$(PY) -m data_pipeline.validate $(DEMO)
 	test -f $(DEMO)/tokenizer.json || $(PY) -m training.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
 	$(PY) -m training.main --config configs/tiny_demo.toml train.resume=latest
+	$(PY) -m eval.run --checkpoint runs/tiny_demo --demo $(DEMO)
 	$(PY) -m training.report --run-dir runs/tiny_demo --shards $(DEMO)
+
+# Zero-shot / retrieval suites against a run's newest checkpoint (see README "Evaluate").
+RUN ?= runs/tiny_demo
+EVAL_ARGS ?= --demo $(DEMO)
+eval: $(STAMP)
+	$(PY) -m eval.run --checkpoint $(RUN) $(EVAL_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

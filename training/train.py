@@ -161,6 +161,9 @@ def train(
             log.message(f"checkpoint: {path}")
 
     first_step = progress.step
+    marker = run_dir / "finished.json"
+    if env.is_main and progress.step < total_steps and marker.exists():
+        marker.unlink()  # resumed with steps left (e.g. a longer schedule): no longer finished
     try:
         while progress.step < total_steps:
             if train_cfg.stop_at_step and progress.step >= train_cfg.stop_at_step:
@@ -234,7 +237,7 @@ def train(
         stop.restore()
     if progress.step >= total_steps and env.is_main:
         # Marker for eval watchers (eval.run --watch): no further checkpoint will appear.
-        (run_dir / "finished.json").write_text(
+        marker.write_text(
             json.dumps({"step": progress.step, "time": time.time()}) + "\n"
         )
     elif env.is_main:

@@ -1,0 +1,138 @@
+"""Evaluate CLIP checkpoints: one checkpoint, or every checkpoint of a run as training goes.
+
+    python -m eval.run --checkpoint runs/tiny_demo --demo data/demo
+    python -m eval.run --checkpoint runs/x/checkpoints/step_00001000.pt \\
+        --suite cifar10,cifar100,imagenet --cifar10 ~/data --cifar100 ~/data --imagenet ~/imagenet
+    python -m eval.run --watch runs/x --suite demo,linear_probe --demo data/demo --wandb
+
+--checkpoint takes a checkpoint file or a run folder (its newest checkpoint). --watch evaluates
+each new checkpoint once, until the trainer writes RUN_DIR/finished.json (or --max-wait passes
+without a new one). Results: one JSON per (checkpoint, dataset, task) under --out (default
+RUN_DIR/eval/), a summary table per checkpoint, and OUT/metrics.png. Without --suite, every
+suite whose dataset option is given runs (the linear probe only when named).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_pipeline.errors import UserError, run_main
+from eval.config import DataPaths, InferenceConfig, LinearProbeConfig
+from eval.evaluate import CheckpointEvaluator, default_out_dir
+from eval.suites import SUITES, check_suites, parse_suites
+from eval.wandb_log import WandbSink
+from eval.watch import WatchConfig, WatchLock, watch
+from training.checkpoint import latest_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", type=Path, help="checkpoint .pt, or a run folder (newest)")
+    what.add_argument("--watch", type=Path, metavar="RUN_DIR", help="evaluate each new checkpoint")
+    p.add_argument("--suite", help=f"comma-separated, from: {', '.join(SUITES)}")
+    data = p.add_argument_group("datasets (all offline)")
+    data.add_argument("--demo", type=Path, help="demo corpus root (corpus.json, val/, heldout/)")
+    data.add_argument("--cifar10", type=Path, help="cifar-10-batches-py or its parent")
+    data.add_argument("--cifar100", type=Path, help="cifar-100-python or its parent")
+    data.add_argument("--imagenet", help="val/ synset folders, or webdataset shards with .cls")
+    data.add_argument("--imagefolder", type=Path, help="one sub-folder per class")
+    data.add_argument("--imagefolder-classes", type=Path, help="class names: .txt or .json")
+    data.add_argument("--retrieval-csv", type=Path, help="CSV with columns image,caption")
+    data.add_argument("--retrieval-shards", help="webdataset shards (captions: lines of .txt)")
+    probe = p.add_argument_group("linear probe")
+    probe.add_argument("--probe-datasets", help="comma-separated: demo,cifar10,cifar100,imagefolder")
+    probe.add_argument("--probe-max-train", type=int, help="cap on training images")
+    probe.add_argument("--probe-c-grid", help="comma-separated C values (default 1e-1..1e6)")
+    probe.add_argument("--probe-threads", type=int, help="BLAS threads for the solver "
+                       "(default: the library's; 1 is faster on a busy machine)")
+    run = p.add_argument_group("inference")
+    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if any)")
+    run.add_argument("--max-images", type=int, help="cap per dataset, for a quick look")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="results folder (default RUN_DIR/eval)")
+    out.add_argument("--force", action="store_true", help="re-evaluate suites already done")
+    out.add_argument("--no-plot", action="store_true")
+    out.add_argument("--wandb", action="store_true", help="log to the training run's W&B run")
+    out.add_argument("--wandb-mode", default="auto", choices=["auto", "online", "offline"])
+    loop = p.add_argument_group("watch")
+    loop.add_argument("--poll", type=float, default=30.0, help="seconds between looks")
+    loop.add_argument("--max-wait", type=float, help="stop after this many seconds with no new "
+                      "checkpoint (default: wait for RUN_DIR/finished.json)")
+    return p.parse_args(argv)
+
+
+def _default_suites(paths: DataPaths) -> list[str]:
+    given = [name for name in ("demo", "cifar10", "cifar100", "imagenet", "imagefolder")
+             if getattr(paths, name) is not None]
+    if paths.retrieval_csv is not None or paths.retrieval_shards is not None:
+        given.append("retrieval")
+    if not given:
+        raise UserError("nothing to evaluate: give --suite and the dataset options it needs "
+                        "(e.g. --suite demo --demo data/demo)")
+    return given
+
+
+def _csv(text: str | None, cast=str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as a comma-separated list of {cast.__name__}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = DataPaths(
+        demo=args.demo, cifar10=args.cifar10, cifar100=args.cifar100, imagenet=args.imagenet,
+        imagefolder=args.imagefolder, imagefolder_classes=args.imagefolder_classes,
+        retrieval_csv=args.retrieval_csv, retrieval_shards=args.retrieval_shards,
+    )
+    probe_kwargs = {"datasets": _csv(args.probe_datasets),
+                    "max_train_images": args.probe_max_train, "blas_threads": args.probe_threads}
+    if args.probe_c_grid:
+        probe_kwargs["c_grid"] = _csv(args.probe_c_grid, float)
+    probe = LinearProbeConfig(**probe_kwargs)
+    infer = InferenceConfig(batch_size=args.batch_size, workers=args.workers,
+                            precision=args.precision, device=args.device,
+                            max_images=args.max_images)
+    suites = parse_suites(args.suite) if args.suite else _default_suites(paths)
+    check_suites(suites, paths, probe)  # every dataset problem surfaces before any model loads
+
+    if args.watch is not None:
+        cfg = WatchConfig(args.watch, poll_seconds=args.poll, max_wait=args.max_wait)
+        out_dir = args.out or cfg.run_dir / "eval"
+        run_dir = cfg.run_dir
+    else:
+        checkpoint = args.checkpoint
+        if checkpoint.is_dir():
+            checkpoint = latest_checkpoint(checkpoint)
+            if checkpoint is None:
+                raise UserError(f"--checkpoint {args.checkpoint}: no checkpoints/step_*.pt inside")
+        elif not checkpoint.is_file():
+            raise UserError(f"--checkpoint {checkpoint}: no such file or run folder")
+        out_dir = args.out or default_out_dir(checkpoint)
+        run_dir = out_dir.parent
+    sink = WandbSink(args.wandb_mode, run_dir) if args.wandb else None
+    evaluator = CheckpointEvaluator(suites, infer, paths, probe, out_dir, force=args.force,
+                                    plot=not args.no_plot, wandb=sink)
+    try:
+        if args.watch is not None:
+            with WatchLock(out_dir):
+                watch(cfg, evaluator.pending, evaluator)
+        else:
+            evaluator(checkpoint)
+    finally:
+        if sink is not None:
+            sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, interrupted_hint="finished suites are recorded in OUT/done.json; rerun to go on")

@@ -1,0 +1,277 @@
+"""Eval jobs end to end from real checkpoints: the demo suite, zero-shot on fake CIFAR (checked
+against a brute-force recomputation), retrieval from a CSV, the linear probe, the watcher, search
+and the in-training hook.
+
+`trained_run` trains the tiny model for 6 steps on the demo corpus with a checkpoint every 2
+steps (once per session, ~30 s); its checkpoints are read-only for the tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval import run as eval_run
+from eval import search as eval_search
+from eval.config import InferenceConfig
+from eval.datasets import load_prompts
+from eval.demo import evaluate_demo, zero_shot_during_training
+from eval.watch import FINISHED_MARKER
+from test_eval_datasets import write_fake_cifar10, write_fake_cifar100
+from training.trained_model import load_trained_model
+from training.transforms import build_eval_transform
+
+STEPS = (2, 4, 6)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # The test machines are small and shared: two spinning OpenMP threads fighting other jobs
+    # for two cores made the text tower ~10x slower than one thread. Restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_shards, tmp_path_factory, run_cli) -> Path:
+    work = tmp_path_factory.mktemp("eval_trained")
+    tokenizer = work / "tokenizer.json"
+    result = run_cli("training.tokenizer", "--shards", str(demo_shards / "train"), "--out", str(tokenizer))
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "training.main", "--config", "configs/tiny_demo.toml",
+        f"data.train_shards={demo_shards / 'train'}", "data.image_size=32", "data.batch_size=32",
+        "data.workers=0", "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+        f"train.run_dir={work / 'run'}", "log.progress_bar=false", f"tokenizer={tokenizer}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return work / "run"
+
+
+def _checkpoint(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def _result(out: Path, step: int, name: str) -> dict:
+    return json.loads((out / f"step_{step:08d}" / f"{name}.json").read_text())
+
+
+def test_demo_suite_end_to_end(trained_run, demo_shards, tmp_path, capsys):
+    assert eval_run.main(["--checkpoint", str(trained_run), "--demo", str(demo_shards),
+                          "--workers", "0", "--out", str(tmp_path)]) == 0
+    heldout = _result(tmp_path, 6, "demo_heldout.zeroshot_classification")
+    assert heldout["num_images"] == 64 and heldout["step"] == 6
+    assert heldout["chance"]["acc1"] == pytest.approx(1 / 48)
+    assert heldout["chance"]["heldout_acc1"] == pytest.approx(1 / 8)
+    assert set(heldout["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall", "heldout_acc1",
+                                       "colour_acc1", "shape_acc1"}
+    assert all(0 <= v <= 1 for v in heldout["metrics"].values())
+    retrieval = _result(tmp_path, 6, "demo_val.zeroshot_retrieval")
+    assert retrieval["num_images"] == 64 and retrieval["details"]["texts"] == 64
+    assert retrieval["chance"]["image_retrieval_recall@10"] == pytest.approx(10 / 64)
+    out = capsys.readouterr().out
+    assert "demo_heldout" in out and "heldout_acc1" in out and "chance" in out
+    assert (tmp_path / "metrics.png").is_file()
+
+
+def _brute_force_zero_shot(checkpoint: Path, folder: Path) -> dict[str, float]:
+    """CIFAR-10 zero-shot recomputed the plain way: one prompt, one image at a time."""
+    trained = load_trained_model(checkpoint)
+    model, tokenizer = trained.model, trained.tokenizer
+    prompts = load_prompts("cifar10")
+    with torch.no_grad():
+        weights = []
+        for name in prompts["classes"]:
+            feats = torch.cat([model.encode_text(tokenizer([t.format(name)])) for t in prompts["templates"]])
+            mean = feats.mean(0)
+            weights.append(mean / mean.norm())
+        weights = torch.stack(weights)
+        import pickle
+        with open(folder / "test_batch", "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        transform = build_eval_transform(trained.image_size)
+        hits1 = hits5 = 0
+        for row, label in zip(batch[b"data"], batch[b"labels"]):
+            pixels = np.asarray(row, dtype=np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
+            image = model.encode_image(transform(Image.fromarray(pixels))[None])[0]
+            ranking = (weights @ image).argsort(descending=True).tolist()
+            hits1 += ranking[0] == label
+            hits5 += label in ranking[:5]
+    n = len(batch[b"labels"])
+    return {"acc1": hits1 / n, "acc5": hits5 / n}
+
+
+def _write_retrieval_csv(folder: Path) -> Path:
+    folder.mkdir()
+    rows = ["image,caption"]
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (24, 24), colour).save(folder / f"{i}.png")
+        rows += [f"{i}.png,a plain colour {i}", f"{i}.png,a square image {i}"]
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.csv"
+
+
+def test_cifar_retrieval_and_linear_probe_end_to_end(trained_run, tmp_path, capsys):
+    data = tmp_path / "data"
+    c10 = write_fake_cifar10(data)
+    write_fake_cifar100(data)
+    csv = _write_retrieval_csv(tmp_path / "flickr")
+    out = tmp_path / "out"
+    checkpoint = _checkpoint(trained_run, 6)
+    assert eval_run.main([
+        "--checkpoint", str(checkpoint), "--suite", "cifar10,cifar100,retrieval,linear_probe",
+        "--cifar10", str(data), "--cifar100", str(data), "--retrieval-csv", str(csv),
+        "--probe-datasets", "cifar10", "--probe-threads", "1", "--probe-c-grid", "0.1,10,1000",
+        "--workers", "0", "--batch-size", "64", "--out", str(out), "--no-plot",
+    ]) == 0
+    c10_result = _result(out, 6, "cifar10.zeroshot_classification")
+    expected = _brute_force_zero_shot(checkpoint, c10)
+    assert c10_result["metrics"]["acc1"] == pytest.approx(expected["acc1"])
+    assert c10_result["metrics"]["acc5"] == pytest.approx(expected["acc5"])
+    assert c10_result["num_images"] == 20 and c10_result["chance"]["acc1"] == pytest.approx(0.1)
+    c100 = _result(out, 6, "cifar100.zeroshot_classification")
+    assert c100["num_images"] == 20 and c100["details"]["classes"] == 100
+    retrieval = _result(out, 6, "pairs.zeroshot_retrieval")
+    assert retrieval["num_images"] == 3 and retrieval["details"]["texts"] == 6
+    assert retrieval["metrics"]["image_retrieval_recall@5"] == 1.0  # k > 3 images
+    probe = _result(out, 6, "cifar10.linear_probe")
+    assert probe["details"]["train_images"] == 30 and probe["num_images"] == 20
+    assert probe["details"]["best_C"] in (0.1, 10, 1000)
+    assert 0 <= probe["metrics"]["lp_acc1"] <= 1
+    done = json.loads((out / "done.json").read_text())["checkpoints"]["step_00000006.pt"]
+    assert set(done["suites"]) == {"cifar10", "cifar100", "retrieval", "linear_probe"}
+    # Asked again: recorded as done, nothing re-evaluated.
+    capsys.readouterr()
+    eval_run.main(["--checkpoint", str(checkpoint), "--suite", "cifar10", "--cifar10", str(data),
+                   "--out", str(out), "--workers", "0"])
+    assert "already evaluated" in capsys.readouterr().out
+    # bf16 autocast runs too (numbers may differ slightly from fp32).
+    assert eval_run.main(["--checkpoint", str(checkpoint), "--suite", "cifar10", "--cifar10",
+                          str(data), "--precision", "bf16", "--max-images", "8", "--workers", "0",
+                          "--out", str(tmp_path / "bf16"), "--no-plot"]) == 0
+    assert _result(tmp_path / "bf16", 6, "cifar10.zeroshot_classification")["num_images"] == 8
+
+
+def _summaries(out: str) -> list[int]:
+    """Steps of the summary tables printed (one per checkpoint evaluated)."""
+    return [int(step) for step in re.findall(r"^step (\d+)  ", out, flags=re.MULTILINE)]
+
+
+def test_watcher_evaluates_each_checkpoint_exactly_once(trained_run, demo_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in STEPS[:2]:
+        shutil.copy(_checkpoint(trained_run, step), run / "checkpoints")
+    args = ["--watch", str(run), "--demo", str(demo_shards), "--workers", "0", "--max-wait", "0",
+            "--poll", "0.1", "--max-images", "16"]
+    assert eval_run.main(args) == 0
+    assert _summaries(capsys.readouterr().out) == [2, 4]
+    # Training goes on: a new checkpoint, then the run ends.
+    shutil.copy(_checkpoint(trained_run, 6), run / "checkpoints")
+    (run / FINISHED_MARKER).write_text('{"step": 6}\n')
+    assert eval_run.main(args) == 0
+    second = capsys.readouterr().out
+    assert _summaries(second) == [6]
+    assert "training finished; 1 checkpoint(s) evaluated" in second
+    done = json.loads((run / "eval" / "done.json").read_text())["checkpoints"]
+    assert sorted(done) == [f"step_{s:08d}.pt" for s in STEPS]
+    for step in STEPS:
+        assert _result(run / "eval", step, "demo_heldout.zeroshot_classification")["step"] == step
+    assert (run / "eval" / "metrics.png").is_file() and not (run / "eval" / "watch.lock").exists()
+
+
+def _first_val_sample(demo_shards: Path) -> tuple[str, bytes, str]:
+    shard = sorted((demo_shards / "val").glob("*.tar"))[0]
+    members = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.isfile():
+                members[member.name] = tar.extractfile(member).read()
+    key = sorted(name.split(".")[0] for name in members if name.endswith(".jpg"))[5]
+    return key, members[f"{key}.jpg"], members[f"{key}.txt"].decode().strip()
+
+
+def _all_val_images(demo_shards: Path) -> tuple[list[str], list[Image.Image]]:
+    keys, images = [], []
+    for shard in sorted((demo_shards / "val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".jpg"):
+                    keys.append(member.name.split(".")[0])
+                    images.append(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+    return keys, images
+
+
+def _printed_hits(out: str, query: str) -> list[tuple[str, float]]:
+    block = out.split(f'query: "{query}"')[1].split("query:")[0]
+    rows = [line.split() for line in block.splitlines() if line.strip() and line.split()[0].isdigit()]
+    return [(row[2], float(row[1])) for row in rows]
+
+
+def test_search_finds_planted_image_and_ranks_like_brute_force(trained_run, demo_shards, tmp_path, capsys):
+    key, jpg, caption = _first_val_sample(demo_shards)
+    planted = tmp_path / "planted.jpg"
+    planted.write_bytes(jpg)  # the very bytes stored in the shard: identical features
+    args = ["--checkpoint", str(trained_run), "--shards", str(demo_shards / "val"), caption,
+            "--image", str(planted), "--top-k", "5", "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "grids"), "--workers", "0"]
+    assert eval_search.main(args) == 0
+    out = capsys.readouterr().out
+    image_hits = _printed_hits(out, "image: planted.jpg")
+    assert image_hits[0][0] == key and image_hits[0][1] > 0.9999
+    # The text query ranks images exactly as a direct computation does.
+    trained = load_trained_model(_checkpoint(trained_run, 6))
+    keys, images = _all_val_images(demo_shards)
+    transform = build_eval_transform(trained.image_size)
+    with torch.no_grad():
+        feats = trained.model.encode_image(torch.stack([transform(i) for i in images]))
+        query = trained.model.encode_text(trained.tokenizer([caption]))[0]
+    scores = feats @ query
+    expected = [keys[i] for i in scores.argsort(descending=True)[:5].tolist()]
+    text_hits = _printed_hits(out, caption)
+    assert [k for k, _ in text_hits] == expected
+    assert [s for _, s in text_hits] == pytest.approx(sorted(scores.tolist(), reverse=True)[:5], abs=1e-4)
+    assert len(list((tmp_path / "grids").glob("*.png"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    # Second run: the index comes from the cache, the answers are the same.
+    assert eval_search.main(args) == 0
+    again = capsys.readouterr().out
+    assert "(cache " in again and _printed_hits(again, caption) == text_hits
+
+
+def test_in_training_hook_matches_the_demo_suite(trained_run, demo_shards):
+    trained = load_trained_model(_checkpoint(trained_run, 6))
+    trained.model.train()
+    metrics = zero_shot_during_training(trained.model, trained.tokenizer, demo_shards,
+                                        trained.image_size, max_images=32)
+    assert trained.model.training  # mode restored
+    assert set(metrics) == {"zeroshot/demo_heldout/acc1", "zeroshot/demo_heldout/heldout_acc1",
+                            "zeroshot/demo_val/acc1"}
+    # The same images through the eval job give the same numbers.
+    trained.model.eval()
+    results = evaluate_demo(trained, demo_shards, InferenceConfig(workers=0, max_images=32))
+    by_name = {r.dataset: r.metrics for r in results if r.task == "zeroshot_classification"}
+    assert metrics["zeroshot/demo_heldout/acc1"] == pytest.approx(by_name["demo_heldout"]["acc1"])
+    heldout = by_name["demo_heldout"]
+    assert metrics["zeroshot/demo_heldout/heldout_acc1"] == pytest.approx(heldout["heldout_acc1"])
+    assert metrics["zeroshot/demo_val/acc1"] == pytest.approx(by_name["demo_val"]["acc1"])
+
+
+def test_missing_dataset_is_one_line_on_the_cli(run_cli, tmp_path):
+    result = run_cli("eval.run", "--checkpoint", str(tmp_path / "nope.pt"), "--suite", "cifar10",
+                     "--cifar10", str(tmp_path / "no_cifar"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --cifar10 ")
+    assert "cifar-10-batches-py" in lines[0] and "Traceback" not in result.stderr
