@@ -60,5 +60,5 @@ def train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["last_loss"] for line in lines]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["last_loss"] for r in records if "last_loss" in r]  # eval records have no loss

@@ -141,11 +141,28 @@ def run(cfg: RunConfig) -> Progress:
                 config=config_dict,
                 global_batch=global_batch,
                 tokenizer_json=tokenizer.to_json(),
+                evaluate=_demo_zero_shot(cfg, engine, tokenizer, env),
             )
         finally:
             log.close()
     finally:
         teardown_distributed()
+
+
+def _demo_zero_shot(cfg: RunConfig, engine, tokenizer: Tokenizer, env):
+    """The optional in-training check (train.zeroshot_every), run on rank 0 only."""
+    if not cfg.train.zeroshot_every:
+        return None
+    if cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3:
+        raise UserError("train.zeroshot_every needs the whole model on rank 0; not with ZeRO-3")
+    from eval.demo import zero_shot_during_training
+
+    def evaluate() -> dict[str, float]:
+        return zero_shot_during_training(
+            engine.module, tokenizer, cfg.train.zeroshot_demo, cfg.data.image_size, device=env.device
+        )
+
+    return evaluate
 
 
 class _Messages:

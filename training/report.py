@@ -29,9 +29,13 @@ def _shard_rows(root: Path) -> list[tuple[str, str]]:
         manifest = _read_json(folder / "manifest.json") or {}
         samples = sum(sizes.values())
         text = f"{samples:,} image-text pairs in {len(sizes)} shards"
-        rate = manifest.get("success_rate")
-        if rate is not None:
-            text += f" ({100 * rate:.1f}% of URLs downloaded)"
+        totals = manifest.get("totals", {})
+        if "success_rate" in totals:
+            failed = totals.get("urls", 0) - totals.get("success", 0)
+            reasons = ", ".join(f"{n} {why}" for why, n in manifest.get("failure_reasons", {}).items())
+            text += f"; {100 * totals['success_rate']:.1f}% of URLs downloaded"
+            if failed:
+                text += f", {failed} failed ({reasons})" if reasons else f", {failed} failed"
         rows.append((f"shards: {folder.name}", text))
     return rows
 
@@ -40,7 +44,8 @@ def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r]  # in-training eval records carry no loss
 
 
 def build_rows(run_dir: Path, shards: Path | None) -> list[tuple[str, str]]:

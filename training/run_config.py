@@ -58,6 +58,10 @@ class TrainConfig:
     # Stop (with a checkpoint) once this step is reached, leaving the schedule as if the run went
     # on: for clusters that hand out fixed time slices, and for resume tests. 0 = run to the end.
     stop_at_step: int = 0
+    # In-training zero-shot check on the demo corpus (eval.demo), rank 0 only, every N steps;
+    # the other ranks wait at the next step's collective, far inside its timeout. 0 = off.
+    zeroshot_every: int = 0
+    zeroshot_demo: str = ""  # demo corpus root (with corpus.json, val/, heldout/)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -70,6 +74,8 @@ class TrainConfig:
             raise ValueError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
         if self.max_nonfinite_steps < 1:
             raise ValueError("train.max_nonfinite_steps must be >= 1")
+        if self.zeroshot_every and not self.zeroshot_demo:
+            raise ValueError("train.zeroshot_every needs train.zeroshot_demo=DEMO_ROOT")
 
 
 @dataclass

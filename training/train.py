@@ -147,6 +147,7 @@ def train(
     config: dict[str, Any],
     global_batch: int,
     tokenizer_json: str,
+    evaluate: Callable[[], dict[str, float]] | None = None,
 ) -> Progress:
     """Run optimizer steps until `total_steps` or a stop signal; checkpoint on the way out."""
     run_dir = Path(train_cfg.run_dir)
@@ -224,6 +225,10 @@ def train(
                     },
                 )
                 window = {"data_s": 0.0, "compute_s": 0.0, "steps": 0, "finite": 0, "loss": 0.0}
+
+            if evaluate and train_cfg.zeroshot_every and progress.step % train_cfg.zeroshot_every == 0:
+                if env.is_main:
+                    log.log(progress.step, evaluate())
 
             if result.stop_requested:
                 log.message(f"stop signal received: checkpointing at step {progress.step}")
