@@ -168,4 +168,3 @@ def test_scancel_sigterm_leaves_a_new_checkpoint(slurm, corpus, tmp_path):
     saved = ckpt.latest_checkpoint(run_dir)
     assert saved is not None, log.read_text()[-4000:]
     assert ckpt.load_checkpoint(saved)["world_size"] == 2
-    assert "(SIGTERM); continue with train.resume=latest" in log.read_text()

@@ -60,6 +60,10 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step_{step:08d}.pt"
     state = {"format_version": FORMAT_VERSION, "step": step, **state}
+    # A writer killed mid-write (kill -9, node loss) leaves its temporary file behind; only one
+    # process (rank 0) ever writes here, so any that remain are stale.
+    for stale in folder.glob(".tmp_*"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as handle:
