@@ -335,7 +335,10 @@ def test_run_where_nothing_downloads_fails_with_the_summary(url_source, run_cli,
 class _SlowHandler(http.server.SimpleHTTPRequestHandler):
     """A slow web server: every response waits, so a download is still running when Ctrl-C comes."""
 
+    requests_seen = 0
+
     def do_GET(self) -> None:
+        type(self).requests_seen += 1
         time.sleep(0.3)
         super().do_GET()
 
@@ -362,13 +365,13 @@ def test_ctrl_c_exits_130_and_keeps_a_resumable_folder(url_source, tmp_path):
         text=True,
     )
     try:
-        # img2dataset logs this once its pool is running and the list is cut into shards: the
-        # moment its own SIGINT handler (exit status 0, or a hang) would have struck.
-        log = output / "img2dataset.log"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (log.exists() and "File sharded in" in log.read_text()):
-            time.sleep(0.1)
-        time.sleep(1.0)  # a few slow downloads under way
+        # Interrupt once img2dataset's workers are downloading: the moment its own SIGINT
+        # handler (exit status 0, or a hang) would have struck. The server's request count says
+        # so for sure (its log file may be buffered until the end).
+        _SlowHandler.requests_seen = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _SlowHandler.requests_seen < 4:
+            time.sleep(0.05)
         os.kill(process.pid, signal.SIGINT)
         stdout, stderr = process.communicate(timeout=60)
     finally:
