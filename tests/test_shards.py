@@ -360,6 +360,9 @@ def test_ctrl_c_exits_130_and_keeps_a_resumable_folder(url_source, tmp_path):
         [sys.executable, "-m", "data_pipeline.shards",
          *_shard_args(slow_list, output, "--threads", "2", "--processes", "1")],
         cwd=Path(__file__).resolve().parents[1],
+        # An ignored SIGINT is inherited and Python then keeps ignoring it; code run in-process
+        # by earlier tests may have left it ignored in this pytest process.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
