@@ -3,8 +3,10 @@
 A named config is a function returning a `ClipModelConfig`; the tokenizer fills in the text
 vocabulary afterwards (`with_tokenizer`), so the same name works with CLIP's BPE or with a small
 tokenizer trained on our own captions. Sizes of the CLIP-scale configs follow OpenCLIP's
-published model configs (ViT-S-32, ViT-B-32, ViT-B-16, RN50) for the text tower and embedding
-width; the image towers are the closest timm architectures (see each docstring).
+published model configs (ViT-S-32, ViT-B-32, ViT-B-16, ViT-L-14, RN50) for the text tower and
+embedding width; the image towers are the closest timm architectures (see each docstring). The
+CLIP ViTs (vit_b32, vit_b16, vit_l14 and their `_quickgelu` variants) have exactly OpenAI's
+layout, so OpenAI/OpenCLIP checkpoints load into them (training.interop).
 
 Typical use:
     cfg = with_tokenizer(MODEL_CONFIGS["tiny"](), tokenizer)
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 # timm kwargs the image tower sets itself; letting a config set them too would be ambiguous.
 _RESERVED_TIMM_KWARGS = ("num_classes", "pretrained", "img_size", "patch_drop_rate")
+TEXT_ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 @dataclass
@@ -60,6 +63,9 @@ class TextConfig:
     `vocab_size`, `eot_id` and `pad_id` belong to the tokenizer: set them with `with_tokenizer`.
     `pad_id` is not used by the maths (attention is causal and pooling happens at the first EOT,
     so nothing after EOT matters); it is recorded so a saved config describes its tokenizer.
+    `activation` is the MLP non-linearity: "gelu" (exact GELU), or "quick_gelu"
+    (x * sigmoid(1.702 x), the approximation OpenAI trained its CLIP weights with; those weights
+    need it back to reproduce their embeddings).
     """
 
     vocab_size: int = 49408
@@ -70,8 +76,14 @@ class TextConfig:
     mlp_ratio: float = 4.0
     eot_id: int = 49407
     pad_id: int = 0
+    # A default, so configs saved before this field existed still load as what they were.
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
+        if self.activation not in TEXT_ACTIVATIONS:
+            raise ValueError(
+                f"TextConfig.activation {self.activation!r} unknown; choose from {TEXT_ACTIVATIONS}"
+            )
         for name in ("vocab_size", "context_length", "width", "layers", "heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TextConfig.{name} must be positive, got {getattr(self, name)}")
@@ -214,6 +226,34 @@ def vit_b16() -> ClipModelConfig:
     )
 
 
+def vit_l14() -> ClipModelConfig:
+    """CLIP ViT-L/14: embed 768; timm's CLIP-layout ViT-L/14 (1024 wide, 24 layers, 16 heads,
+    256 patch tokens); text 768 wide, 12 layers, 12 heads. ~428 M parameters with CLIP's vocab."""
+    return ClipModelConfig(
+        embed_dim=768,
+        vision=VisionConfig(timm_name="vit_large_patch14_clip_224", image_size=224),
+        text=TextConfig(width=768, layers=12, heads=12),
+    )
+
+
+def _quickgelu(base: Callable[[], ClipModelConfig]) -> Callable[[], ClipModelConfig]:
+    """`base` with QuickGELU in both towers: the activation OpenAI's released CLIP weights were
+    trained with (OpenCLIP's `-quickgelu` models). timm names the variant `*_clip_quickgelu_*`."""
+
+    def make() -> ClipModelConfig:
+        cfg = base()
+        timm_name = cfg.vision.timm_name.replace("_clip_", "_clip_quickgelu_")
+        return dataclasses.replace(
+            cfg,
+            vision=dataclasses.replace(cfg.vision, timm_name=timm_name),
+            text=dataclasses.replace(cfg.text, activation="quick_gelu"),
+        )
+
+    make.__name__ = f"{base.__name__}_quickgelu"
+    make.__doc__ = f"`{base.__name__}` with QuickGELU (for OpenAI's weights; see `_quickgelu`)."
+    return make
+
+
 def rn50() -> ClipModelConfig:
     """CLIP RN50 sizes (embed 1024, text 512/12/8) on timm's plain resnet50. Unlike OpenAI's
     modified ResNet (3-conv stem, anti-aliased strides, attention pooling) it average-pools."""
@@ -230,5 +270,10 @@ MODEL_CONFIGS: dict[str, Callable[[], ClipModelConfig]] = {
     "vit_s32": vit_s32,
     "vit_b32": vit_b32,
     "vit_b16": vit_b16,
+    "vit_l14": vit_l14,
+    # OpenAI CLIP checkpoints (and OpenCLIP's -quickgelu ones) need these to load exactly.
+    "vit_b32_quickgelu": _quickgelu(vit_b32),
+    "vit_b16_quickgelu": _quickgelu(vit_b16),
+    "vit_l14_quickgelu": _quickgelu(vit_l14),
     "rn50": rn50,
 }

@@ -31,14 +31,29 @@ class CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, length, width))
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU that OpenAI trained CLIP with.
+    Close to GELU but not equal (up to ~0.02 apart), so OpenAI's weights need it to reproduce
+    their embeddings."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str = "gelu") -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), _activation(activation), nn.Linear(hidden, width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -53,7 +68,8 @@ class TextTower(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList(
-            ResidualBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)
+            ResidualBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.activation)
+            for _ in range(cfg.layers)
         )
         self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
