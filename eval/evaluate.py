@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from eval.config import DataPaths, InferenceConfig, LinearProbeConfig
 from eval.plots import METRICS_PNG, plot_metrics
@@ -18,7 +19,7 @@ from eval.results import (
 )
 from eval.suites import SUITES, EvalContext
 from eval.wandb_log import WandbSink
-from training.trained_model import load_trained_model
+from training.trained_model import TrainedModel, load_trained_model
 
 
 def default_out_dir(checkpoint: Path) -> Path:
@@ -37,6 +38,8 @@ class CheckpointEvaluator:
     force: bool = False
     plot: bool = True
     wandb: WandbSink | None = None
+    # checkpoint path, device= -> model; an imported OpenAI/OpenCLIP file needs another loader.
+    load: Callable[..., TrainedModel] = load_trained_model
 
     def pending(self, checkpoint: Path) -> list[str]:
         if self.force:
@@ -51,7 +54,7 @@ class CheckpointEvaluator:
                   flush=True)
             return []
         started = time.perf_counter()
-        trained = load_trained_model(checkpoint, self.infer.device)
+        trained = self.load(checkpoint, device=self.infer.device)
         ctx = EvalContext(trained, self.infer, self.paths, self.probe)
         results: list[EvalResult] = []
         for suite in todo:

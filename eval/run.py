@@ -4,18 +4,24 @@
     python -m eval.run --checkpoint runs/x/checkpoints/step_00001000.pt \\
         --suite cifar10,cifar100,imagenet --cifar10 ~/data --cifar100 ~/data --imagenet ~/imagenet
     python -m eval.run --watch runs/x --suite demo,linear_probe --demo data/demo --wandb
+    python -m eval.run --pretrained ViT-B-32.pt --model vit_b32_quickgelu \\
+        --bpe bpe_simple_vocab_16e6.txt.gz --cifar10 ~/data
 
 --checkpoint takes a checkpoint file or a run folder (its newest checkpoint). --watch evaluates
 each new checkpoint once, until the trainer writes RUN_DIR/finished.json (or --max-wait passes
-without a new one). Results: one JSON per (checkpoint, dataset, task) under --out (default
-RUN_DIR/eval/), a summary table per checkpoint, and OUT/metrics.png. Without --suite, every
+without a new one). --pretrained scores an OpenAI/OpenCLIP checkpoint file instead (imported
+by training.interop into the --model config, with CLIP's tokenizer from --bpe). Results: one
+JSON per (checkpoint, dataset, task) under --out (default RUN_DIR/eval/, or eval/ beside the
+--pretrained file), a summary table per checkpoint, and OUT/metrics.png. Without --suite, every
 suite whose dataset option is given runs (the linear probe only when named).
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from data_pipeline.errors import UserError, run_main
 from eval.config import DataPaths, InferenceConfig, LinearProbeConfig
@@ -23,7 +29,9 @@ from eval.evaluate import CheckpointEvaluator, default_out_dir
 from eval.suites import SUITES, check_suites, parse_suites
 from eval.wandb_log import WandbSink
 from eval.watch import WatchConfig, WatchLock, watch
-from training.checkpoint import latest_checkpoint
+from training.interop.import_checkpoint import import_pretrained, load_clip_tokenizer
+from training.model import MODEL_CONFIGS
+from training.trained_model import TrainedModel, load_trained_model, resolve_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="checkpoint .pt, or a run folder (newest)")
     what.add_argument("--watch", type=Path, metavar="RUN_DIR", help="evaluate each new checkpoint")
+    what.add_argument("--pretrained", type=Path, help="OpenAI/OpenCLIP checkpoint file "
+                      "(.pt TorchScript, .bin/.pt state dict, .safetensors); needs --model, --bpe")
+    imported = p.add_argument_group("--pretrained checkpoints")
+    imported.add_argument("--model", help="our config name, e.g. vit_b32_quickgelu for OpenAI's "
+                          "ViT-B/32 (OpenAI weights need the _quickgelu variants)")
+    imported.add_argument("--bpe", type=Path, help="CLIP's BPE: bpe_simple_vocab_16e6.txt.gz "
+                          "or a folder with vocab.json + merges.txt")
     p.add_argument("--suite", help=f"comma-separated, from: {', '.join(SUITES)}")
     data = p.add_argument_group("datasets (all offline)")
     data.add_argument("--demo", type=Path, help="demo corpus root (corpus.json, val/, heldout/)")
@@ -87,6 +102,27 @@ def _csv(text: str | None, cast=str) -> list | None:
         raise UserError(f"cannot read {text!r} as a comma-separated list of {cast.__name__}") from None
 
 
+def _model_loader(args: argparse.Namespace) -> Callable[..., TrainedModel]:
+    """How to turn the checkpoint path into a model: ours, or an imported OpenAI/OpenCLIP file."""
+    if args.pretrained is None:
+        if args.model is not None or args.bpe is not None:
+            raise UserError("--model and --bpe go with --pretrained (our checkpoints carry both)")
+        return load_trained_model
+    if args.model is None or args.bpe is None:
+        raise UserError("--pretrained needs --model (e.g. vit_b32_quickgelu for OpenAI's ViT-B/32) "
+                        "and --bpe (CLIP's bpe_simple_vocab_16e6.txt.gz)")
+    if args.model not in MODEL_CONFIGS:
+        raise UserError(f"--model {args.model!r} unknown; choose from {', '.join(MODEL_CONFIGS)}")
+    load_clip_tokenizer(args.bpe)  # a wrong --bpe fails now, not after the datasets are read
+    return partial(import_pretrained, model_name=args.model, bpe_path=args.bpe)
+
+
+def _pretrained_file(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"--pretrained {path}: no such file")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths = DataPaths(
@@ -104,24 +140,20 @@ def main(argv: list[str] | None = None) -> int:
                             max_images=args.max_images)
     suites = parse_suites(args.suite) if args.suite else _default_suites(paths)
     check_suites(suites, paths, probe)  # every dataset problem surfaces before any model loads
+    load = _model_loader(args)
 
     if args.watch is not None:
         cfg = WatchConfig(args.watch, poll_seconds=args.poll, max_wait=args.max_wait)
         out_dir = args.out or cfg.run_dir / "eval"
         run_dir = cfg.run_dir
     else:
-        checkpoint = args.checkpoint
-        if checkpoint.is_dir():
-            checkpoint = latest_checkpoint(checkpoint)
-            if checkpoint is None:
-                raise UserError(f"--checkpoint {args.checkpoint}: no checkpoints/step_*.pt inside")
-        elif not checkpoint.is_file():
-            raise UserError(f"--checkpoint {checkpoint}: no such file or run folder")
+        checkpoint = (resolve_checkpoint(args.checkpoint) if args.pretrained is None
+                      else _pretrained_file(args.pretrained))
         out_dir = args.out or default_out_dir(checkpoint)
         run_dir = out_dir.parent
     sink = WandbSink(args.wandb_mode, run_dir) if args.wandb else None
     evaluator = CheckpointEvaluator(suites, infer, paths, probe, out_dir, force=args.force,
-                                    plot=not args.no_plot, wandb=sink)
+                                    plot=not args.no_plot, wandb=sink, load=load)
     try:
         if args.watch is not None:
             with WatchLock(out_dir):

@@ -24,8 +24,7 @@ from eval.features import encode_texts
 from eval.image_index import DEFAULT_CACHE, fetch_images, load_or_build_index
 from eval.plots import plot_search_grid
 from eval.shard_images import shard_urls
-from training.checkpoint import latest_checkpoint
-from training.trained_model import TrainedModel, load_trained_model
+from training.trained_model import TrainedModel, load_trained_model, resolve_checkpoint
 from training.transforms import build_eval_transform
 
 
@@ -78,13 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give at least one query sentence (or --image FILE)")
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    checkpoint = args.checkpoint
-    if checkpoint.is_dir():
-        checkpoint = latest_checkpoint(checkpoint)
-        if checkpoint is None:
-            raise UserError(f"--checkpoint {args.checkpoint}: no checkpoints/step_*.pt inside")
-    elif not checkpoint.is_file():
-        raise UserError(f"--checkpoint {checkpoint}: no such file or run folder")
+    checkpoint = resolve_checkpoint(args.checkpoint)
     shard_urls(args.shards, "--shards")  # a wrong path fails before the model loads
     cfg = InferenceConfig(batch_size=args.batch_size, workers=args.workers, device=args.device)
     trained = load_trained_model(checkpoint, cfg.device)

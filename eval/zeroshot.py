@@ -29,18 +29,26 @@ def zeroshot_classification(
 ) -> EvalResult:
     """image_features: (features, labels) of data.test when already encoded (linear probe)."""
     started = time.perf_counter()
-    classifier = class_embeddings(trained.model, trained.tokenizer, data.classnames,
-                                  data.templates, cfg)
-    features, labels = image_features or encode_images(trained.model, data.test, cfg, data.name)
-    targets = torch.as_tensor(labels, dtype=torch.long)
-    metrics = classification_metrics(features @ classifier.T, targets)
+    logits, targets = zeroshot_logits(trained, data, cfg, image_features)
     return EvalResult(
         dataset=data.name,
         task=TASK,
-        metrics=metrics,
+        metrics=classification_metrics(logits, targets),
         chance=classification_chance(len(data.classnames)),
         num_images=len(targets),
         details={"classes": len(data.classnames), "templates": len(data.templates),
                  "precision": cfg.precision, "max_images": cfg.max_images},
         seconds=time.perf_counter() - started,
     )
+
+
+def zeroshot_logits(
+    trained: TrainedModel, data: ClassificationSet, cfg: InferenceConfig,
+    image_features: tuple[torch.Tensor, list[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine logits [N, C], targets [N]) of data.test: the per-sample scores behind the
+    metrics, which the parity tests compare with CLIP_benchmark's image by image."""
+    classifier = class_embeddings(trained.model, trained.tokenizer, data.classnames,
+                                  data.templates, cfg)
+    features, labels = image_features or encode_images(trained.model, data.test, cfg, data.name)
+    return features @ classifier.T, torch.as_tensor(labels, dtype=torch.long)

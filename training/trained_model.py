@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
 from training.model import CLIP, build_model
 from training.model.configs import ClipModelConfig
@@ -25,6 +26,18 @@ class TrainedModel:
     step: int
     image_size: int
     path: Path
+
+
+def resolve_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
+    """A checkpoint file as given, or a run folder's newest checkpoint; UserError otherwise."""
+    if path.is_dir():
+        newest = ckpt.latest_checkpoint(path)
+        if newest is None:
+            raise UserError(f"{option} {path}: no checkpoints/step_*.pt inside")
+        return newest
+    if not path.is_file():
+        raise UserError(f"{option} {path}: no such file or run folder")
+    return path
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -71,9 +71,21 @@ def _create_trunk(cfg: VisionConfig) -> nn.Module:
 def load_trunk_weights(trunk: nn.Module, path: str) -> None:
     """Load a local timm-format checkpoint (.pth/.bin/.safetensors/.npz) into a headless trunk.
 
+    Goes through `trunk_checkpoint_filter` (timm's own layout conversion); everything else must
+    match exactly.
+    """
+    timm.models.load_checkpoint(trunk, path, strict=True, filter_fn=trunk_checkpoint_filter(trunk))
+    log.info("loaded image trunk weights from %s", path)
+
+
+def trunk_checkpoint_filter(
+    trunk: nn.Module,
+) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
+    """A function turning a foreign state dict into `trunk`'s layout, timm's way.
+
     The model module's own `checkpoint_filter_fn` runs first (it converts foreign layouts, e.g.
     OpenAI CLIP ViTs, and resizes position embeddings to our image size); classifier weights
-    are then dropped since the trunk has none; everything else must match exactly.
+    are then dropped since the trunk has none.
     """
     module_filter = getattr(sys.modules[type(trunk).__module__], "checkpoint_filter_fn", None)
     classifier = getattr(trunk, "pretrained_cfg", {}).get("classifier") or "head"
@@ -89,5 +101,4 @@ def load_trunk_weights(trunk: nn.Module, path: str) -> None:
             if k in own_keys or not any(k == c or k.startswith(c + ".") for c in classifiers)
         }
 
-    timm.models.load_checkpoint(trunk, path, strict=True, filter_fn=filter_fn)
-    log.info("loaded image trunk weights from %s", path)
+    return filter_fn
