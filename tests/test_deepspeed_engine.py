@@ -24,8 +24,8 @@ def _ok(result) -> None:
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
 
 
-# The ViT `tiny` model: DeepSpeed's bf16 mode casts BatchNorm towers (tiny_cnn, rn50) in a way
-# timm's BatchNorm rejects ("expected scalar type BFloat16 but found Float"), a known gap.
+# The fp32 comparison runs the ViT `tiny`; the bf16 resume test runs the demo's `tiny_cnn`, whose
+# BatchNorm buffers must be cast with the weights (DeepSpeed 0.19 keeps buffers fp32 by default).
 MODEL = "model.name=tiny"
 
 
@@ -41,7 +41,8 @@ def test_first_loss_matches_the_ddp_engine(corpus, tmp_path):
 
 
 def test_zero2_bf16_run_resumes_from_its_checkpoint(corpus, tmp_path):
-    common = ("train.steps=4", "engine.name=deepspeed", "engine.zero_stage=2", "train.precision=bf16", MODEL)
+    common = ("train.steps=4", "engine.name=deepspeed", "engine.zero_stage=2", "train.precision=bf16",
+              "model.name=tiny_cnn")
     split, straight = tmp_path / "split", tmp_path / "straight"
     _ok(torchrun(2, *train_args(corpus, split, *common, "train.stop_at_step=2")))
     assert (split / "deepspeed" / "step_00000002").is_dir()

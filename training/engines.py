@@ -153,6 +153,12 @@ def deepspeed_config(cfg: EngineConfig, precision: str, micro_batch: int, accum_
             "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         }
+    half = next((k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")), None)
+    if half:
+        # DeepSpeed 0.19 casts parameters but keeps buffers fp32 unless told otherwise, and a
+        # BatchNorm (tiny_cnn, rn50) then meets bf16 weights with fp32 running statistics and
+        # fails. Casting buffers with the weights is what module.bfloat16() did before 0.19.
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", half)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = accum_steps
     ds["gradient_clipping"] = grad_clip
@@ -247,9 +253,12 @@ def _broadcast_scalar_parameters(model: nn.Module, env: Distributed) -> None:
     bf16: its start-up broadcast views each parameter as bytes, which a 0-dim bf16 tensor cannot
     do. We broadcast those from rank 0 ourselves (all ranks take part; shape [] in and out) and
     mark them with the attribute DeepSpeed uses to skip its own broadcast."""
-    if not env.enabled:
-        return
     import torch.distributed as dist
+
+    # Not `env.enabled`: DeepSpeed initialises a process group (and broadcasts) even for a
+    # single torchrun process.
+    if not dist.is_initialized():
+        return
 
     for param in model.parameters():
         if param.dim() == 0:
