@@ -21,9 +21,11 @@ for logging and schedules.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
+import multiprocessing
 import random
 import signal
 from dataclasses import dataclass
@@ -406,6 +408,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
     checkpoint; the trainer stops its workers itself once it has saved, so they ignore both."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _kill_loader_workers_at_exit() -> None:
+    """The other half of `_ignore_stop_signals`. At interpreter exit multiprocessing stops daemon
+    children with SIGTERM and then waits for them, so a trainer leaving by an exception (a dead
+    peer under torchrun, a bad batch mid-run) would wait forever on workers that ignore it. A
+    loader worker holds nothing worth saving: it gets SIGKILL. atexit runs the last-registered
+    handler first, so this runs before multiprocessing's (registered when torch imported it)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_loader_workers_at_exit)
 
 
 class EvalLoader:
