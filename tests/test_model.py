@@ -269,8 +269,12 @@ def test_config_validation_and_round_trip():
         edited.__post_init__()
 
 
-# Each named config builds and runs one 1-sample batch at its real resolution (~10 s in all).
-@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+# Each named config builds and runs one 1-sample batch at its real resolution (~30 s for the
+# base-size ones; each ViT-L/14 alone takes ~15-20 s on 2 cores).
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name.startswith("vit_l14") else name
+    for name in sorted(MODEL_CONFIGS)
+])
 def test_named_configs_build_and_run(name):
     cfg = MODEL_CONFIGS[name]()
     model = build_model(cfg).eval()
@@ -283,3 +287,23 @@ def test_named_configs_build_and_run(name):
     assert (
         torch.isfinite(out["image_features"]).all() and torch.isfinite(out["text_features"]).all()
     )
+
+
+def test_quickgelu_configs_use_quickgelu_in_both_towers():
+    cfg = MODEL_CONFIGS["vit_b32_quickgelu"]()
+    assert cfg.text.activation == "quick_gelu"
+    assert cfg.vision.timm_name == "vit_base_patch32_clip_quickgelu_224"
+    small = tiny_cfg()
+    small = dataclasses.replace(small, text=dataclasses.replace(small.text, activation="quick_gelu"))
+    act = build_model(small).text.blocks[0].mlp[1]
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))  # OpenAI's formula
+    assert (act(x) - torch.nn.functional.gelu(x)).abs().max() > 1e-2  # not GELU
+    with pytest.raises(ValueError, match="activation"):
+        TextConfig(activation="relu")
+
+
+def test_configs_saved_before_the_activation_field_still_load():
+    saved = MODEL_CONFIGS["vit_b32"]().to_dict()
+    del saved["text"]["activation"]  # what an older checkpoint holds
+    assert ClipModelConfig.from_dict(saved).text.activation == "gelu"
