@@ -416,9 +416,12 @@ def _kill_loader_workers_at_exit() -> None:
     peer under torchrun, a bad batch mid-run) would wait forever on workers that ignore it. A
     loader worker holds nothing worth saving: it gets SIGKILL. atexit runs the last-registered
     handler first, so this runs before multiprocessing's (registered when torch imported it)."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children:
+        # The DataLoader's SIGCHLD handler would report each kill as a second, misleading error.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 atexit.register(_kill_loader_workers_at_exit)

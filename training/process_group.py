@@ -8,11 +8,14 @@ never import this module.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ def setup_distributed(device: str = "auto", timeout_minutes: int = 30) -> Distri
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
+        _warn_if_restarts_cannot_reconnect()
         # NCCL between GPUs; gloo for CPU runs (the tests and laptops).
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -56,6 +60,18 @@ def setup_distributed(device: str = "auto", timeout_minutes: int = 30) -> Distri
             device_id=dev if dev.type == "cuda" else None,
         )
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _warn_if_restarts_cannot_reconnect() -> None:
+    # torchrun sets these for its workers. With the agent's store shared across restart rounds
+    # (torch's default), a restarted round's gloo/NCCL connect reads the dead round's addresses
+    # and fails; launch/ scripts turn the sharing off.
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        log.warning(
+            "torchrun --max-restarts %d with a shared rendezvous store: restarted ranks may fail "
+            "to connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/ scripts do)", restarts
+        )
 
 
 def teardown_distributed() -> None:
