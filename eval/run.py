@@ -29,8 +29,9 @@ from eval.evaluate import CheckpointEvaluator, default_out_dir
 from eval.suites import SUITES, check_suites, parse_suites
 from eval.wandb_log import WandbSink
 from eval.watch import WatchConfig, WatchLock, watch
-from training.interop.import_checkpoint import import_pretrained, load_clip_tokenizer
-from training.model import MODEL_CONFIGS
+from training.interop.import_checkpoint import (
+    check_model_name, import_pretrained, load_clip_tokenizer,
+)
 from training.trained_model import TrainedModel, load_trained_model, resolve_checkpoint
 
 
@@ -111,8 +112,7 @@ def _model_loader(args: argparse.Namespace) -> Callable[..., TrainedModel]:
     if args.model is None or args.bpe is None:
         raise UserError("--pretrained needs --model (e.g. vit_b32_quickgelu for OpenAI's ViT-B/32) "
                         "and --bpe (CLIP's bpe_simple_vocab_16e6.txt.gz)")
-    if args.model not in MODEL_CONFIGS:
-        raise UserError(f"--model {args.model!r} unknown; choose from {', '.join(MODEL_CONFIGS)}")
+    check_model_name(args.model)
     load_clip_tokenizer(args.bpe)  # a wrong --bpe fails now, not after the datasets are read
     return partial(import_pretrained, model_name=args.model, bpe_path=args.bpe)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from training.interop.import_checkpoint import openclip_shapes
 from training.interop.openclip_layout import ARCHITECTURES, architecture_of, openclip_model_config
 from training.model import MODEL_CONFIGS
 from training.transforms import build_eval_transform
@@ -47,6 +48,17 @@ def test_model_config_json_is_openclips_own(openclip_name, ours):
 
 def test_every_architecture_has_a_config():
     assert {MODEL_CONFIGS[ours]().vision.timm_name for _, ours in PAIRS} == set(ARCHITECTURES)
+
+
+# ViT-B/32 is imported and compared number by number in test_interop_import.py; for the other
+# sizes the tensor names and shapes suffice (the mapping is per-layer, the same at any size).
+@pytest.mark.parametrize("openclip_name,ours", [("ViT-B-16", "vit_b16"),
+                                                ("ViT-L-14-quickgelu", "vit_l14_quickgelu")])
+def test_expected_tensors_are_openclips(openclip_name, ours):
+    logging.getLogger().setLevel(logging.ERROR)
+    reference = open_clip.create_model(openclip_name, pretrained=None, device="meta")
+    assert openclip_shapes(MODEL_CONFIGS[ours]()) == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()}
 
 
 @pytest.mark.parametrize("ours", ["tiny", "rn50", "vit_s32"])

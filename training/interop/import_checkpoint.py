@@ -45,8 +45,7 @@ def import_pretrained(
     """An OpenAI/OpenCLIP checkpoint file as our model, with CLIP's tokenizer from `bpe_path`
     (OpenAI's bpe_simple_vocab_16e6.txt.gz, or a folder with HF's vocab.json + merges.txt)."""
     path = Path(path)
-    if model_name not in MODEL_CONFIGS:
-        raise UserError(f"--model {model_name!r} unknown; choose from {', '.join(MODEL_CONFIGS)}")
+    check_model_name(model_name)
     tokenizer = load_clip_tokenizer(bpe_path)
     cfg = with_tokenizer(MODEL_CONFIGS[model_name](), tokenizer)
     try:
@@ -64,6 +63,11 @@ def import_pretrained(
         model=model, tokenizer=tokenizer, model_config=cfg, step=0,
         image_size=cfg.vision.image_size, path=path,
     )
+
+
+def check_model_name(model_name: str) -> None:
+    if model_name not in MODEL_CONFIGS:
+        raise UserError(f"--model {model_name!r} unknown; choose from {', '.join(MODEL_CONFIGS)}")
 
 
 def load_clip_tokenizer(bpe_path: str | Path) -> Tokenizer:

@@ -97,6 +97,7 @@ _TEXT_RENAMES = {  # whole names outside the blocks, OpenCLIP -> ours
     "ln_final.bias": "text.ln_final.bias",
     "logit_scale": "logit_scale",
 }
+_TEXT_RENAMES_BACK = {ours: theirs for theirs, ours in _TEXT_RENAMES.items()}
 _VISUAL_RENAMES = {  # ours -> OpenCLIP, outside the blocks; reshapes handled in `_visual_key`
     "visual.trunk.patch_embed.proj.weight": "visual.conv1.weight",
     "visual.trunk.norm_pre.weight": "visual.ln_pre.weight",
@@ -172,7 +173,8 @@ def to_openclip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         key, value = _to_openclip(name, tensor)
-        out[key] = value.detach().clone()
+        # contiguous copies: the transposed projections must be writable by safetensors too
+        out[key] = value.detach().clone(memory_format=torch.contiguous_format)
     return out
 
 
@@ -187,9 +189,8 @@ def _to_openclip(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
         return "visual.positional_embedding", tensor.squeeze(0)
     if name in _VISUAL_RENAMES:
         return _VISUAL_RENAMES[name], tensor
-    ours_to_openclip_text = {v: k for k, v in _TEXT_RENAMES.items()}
-    if name in ours_to_openclip_text:
-        return ours_to_openclip_text[name], tensor
+    if name in _TEXT_RENAMES_BACK:
+        return _TEXT_RENAMES_BACK[name], tensor
     if m := _OUR_TEXT_BLOCK.match(name):
         rest = _rename_prefix(m.group(2), [(b, a) for a, b in _TEXT_BLOCK_RENAMES], name)
         return f"transformer.resblocks.{m.group(1)}.{rest}", tensor
