@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.distributed import gather_features_with_grad, world_info
-from training.tiled_loss import DEFAULT_TILE_SIZE, TiledClipLoss, TiledSigLipLoss
+from training.tiled_ring import DEFAULT_TILE_SIZE
 
 LOSS_NAMES = ("clip", "siglip", "soft_clip")
 
@@ -61,6 +61,10 @@ class LossConfig:
 
 def build_loss(cfg: LossConfig) -> nn.Module:
     if cfg.tiled:
+        # Imported here: the tiled SigLIP loss uses require_logit_bias from this module.
+        from training.tiled_loss import TiledClipLoss
+        from training.tiled_siglip_loss import TiledSigLipLoss
+
         tiled = TiledClipLoss if cfg.name == "clip" else TiledSigLipLoss
         return tiled(tile_size=cfg.tile_size)
     if cfg.name == "clip":
@@ -109,6 +113,11 @@ class ClipLoss(nn.Module):
             ) / 2
 
 
+def require_logit_bias(logit_bias: torch.Tensor | None) -> None:
+    if logit_bias is None:
+        raise ValueError("SigLipLoss needs a logit bias: build the model with for_siglip(cfg)")
+
+
 class SigLipLoss(nn.Module):
     """Sigmoid loss (SigLIP): every image-text pair is an independent binary problem,
     -sum_ij log sigmoid(z_ij * (t * x_i . y_j + b)) / |B| with z_ij = 1 for matching pairs and -1
@@ -122,8 +131,7 @@ class SigLipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if logit_bias is None:
-            raise ValueError("SigLipLoss needs a logit bias: build the model with for_siglip(cfg)")
+        require_logit_bias(logit_bias)
         with _fp32(image_features):
             image, text = image_features.float(), text_features.float()
             rank, _ = world_info()
