@@ -63,7 +63,8 @@ def test_imported_model_embeds_like_openclip(tmp_path, openclip_name, ours, cont
     torch.testing.assert_close(our_raw, ref_raw, rtol=0, atol=1e-4)
     torch.testing.assert_close(out["logit_scale"], ref_scale)  # below the cap of 100
     torch.testing.assert_close(our_logits, ref_logits, rtol=0, atol=1e-4)
-    print(f"\n{openclip_name}: max |diff| image emb {_max_diff(out['image_features'], ref_image):.2e}, "
+    print(f"\n{openclip_name}: max |diff| image emb "
+          f"{_max_diff(out['image_features'], ref_image):.2e}, "
           f"text emb {_max_diff(out['text_features'], ref_text):.2e}, "
           f"unnormalised image {_max_diff(our_raw, ref_raw):.2e}, "
           f"logits {_max_diff(our_logits, ref_logits):.2e}")
@@ -78,7 +79,8 @@ def test_openclip_training_checkpoint_and_openai_torchscript(tmp_path):
     ref = openclip_reference("ViT-B-32-quickgelu", seed=2)
     expected = ref.state_dict()
     wrapped = tmp_path / "epoch_32.pt"
-    torch.save({"epoch": 32, "state_dict": {f"module.{k}": v for k, v in expected.items()}}, wrapped)
+    ddp_names = {f"module.{k}": v for k, v in expected.items()}
+    torch.save({"epoch": 32, "state_dict": ddp_names}, wrapped)
     assert {k: v.shape for k, v in read_state_dict(wrapped).items()} == {
         k: v.shape for k, v in expected.items()}
 

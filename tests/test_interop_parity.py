@@ -104,8 +104,8 @@ def write_captioned_images(folder, seed: int = 1):
         pixels = np.clip(rng.integers(0, 256, (1, 1, 3)) + rng.normal(0, 30, (48, 64, 3)), 0, 255)
         Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img_{i:02d}.jpg", quality=90)
         for j in range(1 + i % 3):
-            lines.append(f"img_{i:02d}.jpg,a photo of a {colours[(i + j) % 6]} {things[(i * j) % 6]}"
-                         f" number {i}")
+            caption = f"a photo of a {colours[(i + j) % 6]} {things[(i * j) % 6]} number {i}"
+            lines.append(f"img_{i:02d}.jpg,{caption}")
     annotations = folder / "captions.csv"
     annotations.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return annotations

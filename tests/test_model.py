@@ -294,7 +294,8 @@ def test_quickgelu_configs_use_quickgelu_in_both_towers():
     assert cfg.text.activation == "quick_gelu"
     assert cfg.vision.timm_name == "vit_base_patch32_clip_quickgelu_224"
     small = tiny_cfg()
-    small = dataclasses.replace(small, text=dataclasses.replace(small.text, activation="quick_gelu"))
+    quick_text = dataclasses.replace(small.text, activation="quick_gelu")
+    small = dataclasses.replace(small, text=quick_text)
     act = build_model(small).text.blocks[0].mlp[1]
     x = torch.linspace(-4, 4, 101)
     torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))  # OpenAI's formula

@@ -7,12 +7,13 @@ writes into the folder
     open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}: what OpenCLIP's
                                   `local-dir:` loader reads
     NAME.json                     the bare model config, named after OpenCLIP's architecture
-                                  (ViT-B-32, ViT-B-32-quickgelu, ...), for open_clip.add_model_config
+                                  (ViT-B-32, ViT-B-32-quickgelu, ...), for
+                                  open_clip.add_model_config
 
-and then any of these load it:
-    open_clip.create_model_and_transforms("ViT-B-32", pretrained="export/open_clip_pytorch_model.bin")
+and then any of these load it (WEIGHTS = export/open_clip_pytorch_model.bin):
+    open_clip.create_model_and_transforms("ViT-B-32", pretrained="WEIGHTS")
     open_clip.create_model_and_transforms("local-dir:export")
-    clip_benchmark eval --model ViT-B-32 --pretrained export/open_clip_pytorch_model.bin ...
+    clip_benchmark eval --model ViT-B-32 --pretrained WEIGHTS ...
 
 Only the architectures of openclip_layout.ARCHITECTURES trained with CLIP's BPE tokenizer can be
 exported: OpenCLIP builds those with its own tokenizer, and the ids must mean the same.

@@ -73,8 +73,8 @@ def check_model_name(model_name: str) -> None:
 def load_clip_tokenizer(bpe_path: str | Path) -> Tokenizer:
     bpe_path = Path(bpe_path)
     if not bpe_path.exists():
-        raise UserError(f"--bpe {bpe_path}: no such file; give OpenAI's bpe_simple_vocab_16e6.txt.gz "
-                        "or a folder with vocab.json and merges.txt")
+        raise UserError(f"--bpe {bpe_path}: no such file; give OpenAI's "
+                        "bpe_simple_vocab_16e6.txt.gz or a folder with vocab.json and merges.txt")
     try:
         return Tokenizer.from_clip_bpe(bpe_path)
     except (OSError, ValueError) as err:
@@ -96,8 +96,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any reader failure means: not a checkpoint we can read
+        first_line = (str(err).splitlines() or [""])[0]
         raise UserError(f"--pretrained {path}: cannot read it as a checkpoint "
-                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                        f"({type(err).__name__}: {first_line})") from None
     if not isinstance(loaded, dict):
         raise UserError(f"--pretrained {path}: holds a {type(loaded).__name__}, not a state dict")
     if "format_version" in loaded and "model" in loaded:
@@ -149,7 +150,9 @@ def check_layout(
             problems.append(f"missing {key} {list(shape)}")
         elif tuple(state_dict[key].shape) != shape:
             problems.append(f"{key} is {list(state_dict[key].shape)}, expected {list(shape)}")
-    problems += [f"unexpected {k} {list(v.shape)}" for k, v in state_dict.items() if k not in expected]
+    problems += [
+        f"unexpected {k} {list(v.shape)}" for k, v in state_dict.items() if k not in expected
+    ]
     if problems:
         more = len(problems) - _SHOWN_MISMATCHES
         shown = "; ".join(problems[:_SHOWN_MISMATCHES]) + (f" (+{more} more)" if more > 0 else "")
