@@ -2,7 +2,8 @@
 
 The file list is the architecture:
 
-    run.py          CLI: evaluate one checkpoint, or watch a run directory (thin entry point)
+    run.py          CLI: evaluate one checkpoint, watch a run directory, or score an
+                    OpenAI/OpenCLIP file (--pretrained, via training.interop) (thin entry point)
     search.py       CLI: text -> image search over shards
     image_index.py  the search index: shard images embedded once, cached on disk
     suites.py       the registry: suite name -> evaluator (demo, cifar10, imagenet, retrieval, ...)
