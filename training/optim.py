@@ -20,6 +20,10 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # torch's fused AdamW kernel (CPU and CUDA): one pass over each parameter instead of the
+    # foreach path's dozen elementwise passes; measured ~5x faster per step for ViT-S/32 on CPU
+    # (bench/profiles/). Off only to compare against the reference implementation.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -41,12 +45,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     # pulls them to zero for no regularisation benefit); locked towers get no optimizer state.
     from training.model import param_groups_for_weight_decay
 
-    groups = param_groups_for_weight_decay(model, cfg.weight_decay)
+    groups = [g for g in param_groups_for_weight_decay(model, cfg.weight_decay) if g["params"]]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cfg.fused or None
     )
 
 
