@@ -14,9 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import DataConfig, DataError, build_eval_loader, build_train_loader
+from training.data import (
+    DataConfig, DataError, build_eval_loader, build_train_loader, smallest_decode_size,
+)
+from training.sample_decode import decode_image
 from training.shard_stream import epoch_shards, expand_source, expand_sources, read_shard
-from training.transforms import CLIP_MEAN, build_eval_transform, build_train_transform
+from training.transforms import (
+    CLIP_MEAN, build_eval_transform, build_train_transform, normalize_images,
+)
 
 PAD_ID = 0
 SOT, EOT = 1, 2
@@ -265,7 +270,8 @@ def test_text_is_padded_to_the_longest_caption_of_each_batch(tmp_path):
         for row, text in zip(batch["text"], expected):
             ids = tokenize(text)
             assert row[: len(ids)].tolist() == ids and (row[len(ids):] == PAD_ID).all()
-        assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+        # uint8 until the trainer normalises on its device (training.transforms.normalize_images)
+        assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.uint8
 
 
 # --------------------------------------------------------------------------------- resume
@@ -354,7 +360,23 @@ def test_transforms_shapes_and_normalization():
                      random_erasing=0.5)
     image = Image.new("RGB", (50, 40), tuple(round(255 * m) for m in CLIP_MEAN))
     out = build_train_transform(cfg)(image)
-    assert out.shape == (3, 32, 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    # Without jitter, erased boxes and the image share the mean colour: all of it normalises to ~0.
+    erasing_only = DataConfig(train_shards="x", image_size=32, random_erasing=1.0)
+    normalized = normalize_images(build_train_transform(erasing_only)(image)[None], torch.device("cpu"))
+    assert normalized.dtype == torch.float32 and normalized.abs().max() < 0.02
     evaluated = build_eval_transform(32)(image)
     assert evaluated.shape == (3, 32, 32) and evaluated.abs().max() < 0.02  # mean color -> ~0
     assert torch.equal(evaluated, build_eval_transform(32)(image))
+
+
+def test_jpegs_decode_at_a_reduced_scale_never_below_what_the_crop_needs():
+    cfg = DataConfig(train_shards="x", image_size=64, scale=(0.8, 1.0))
+    need = smallest_decode_size(cfg)  # the crop's shorter side is >= sqrt(0.8 * 3/4) of the image's
+    assert need == 83
+    encoded = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 10, 10)).save(encoded, "JPEG")
+    assert decode_image({"jpg": encoded.getvalue()}, need).size == (128, 128)  # libjpeg's 1/2
+    assert decode_image({"jpg": encoded.getvalue()}).size == (256, 256)
+    too_big = smallest_decode_size(DataConfig(train_shards="x", image_size=224, scale=(0.9, 1.0)))
+    assert decode_image({"jpg": encoded.getvalue()}, too_big).size == (256, 256)

@@ -191,6 +191,7 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         global_worker = self.rank * self.roles + role
         transform = build_train_transform(cfg)
+        decode_size = smallest_decode_size(cfg)
         raw = self.raw_samples(role)
         judge = ShardJudge()
         consumed, skipped = self.resume.consumed[role], self.resume.skipped[role]
@@ -203,7 +204,9 @@ class TrainStream(IterableDataset):
             augment_seed = derive_seed(cfg.seed, "augment", global_worker, consumed)
             consumed += 1
             try:
-                pixels, tokens = decode_sample(item, transform, self.tokenize, augment_seed)
+                pixels, tokens = decode_sample(
+                    item, transform, self.tokenize, augment_seed, min_image_size=decode_size
+                )
             except SkipSample as skip:
                 skipped += 1
                 if skipped <= _SKIPS_LOGGED_PER_WORKER:
@@ -221,6 +224,13 @@ class TrainStream(IterableDataset):
                 batch.update(__role__=role, __consumed__=consumed, __skipped__=skipped)
                 yield batch
                 images, token_lists = [], []
+
+
+def smallest_decode_size(cfg: DataConfig) -> int:
+    """The smallest image side from which RandomResizedCrop never has to upsample: its crop keeps
+    at least scale[0] of the area at an aspect ratio down to 3/4, so the crop's shorter side is at
+    least sqrt(scale[0] * 3/4) of the image's (and the crop is resized to image_size)."""
+    return math.ceil(cfg.image_size / math.sqrt(cfg.scale[0] * 3 / 4))
 
 
 def _source_sizes(sources: list[list[str]]) -> list[int] | None:

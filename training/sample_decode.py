@@ -22,12 +22,19 @@ class SkipSample(Exception):
     """A raw sample that cannot be used; the reason is counted and logged, never fatal."""
 
 
-def decode_image(raw: RawSample) -> Image.Image:
+def decode_image(raw: RawSample, min_size: int | None = None) -> Image.Image:
+    """min_size: the image may come back smaller, but no side below min_size (JPEG only)."""
     data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if data is None:
         raise SkipSample(f"no image member (members: {member_names(raw)})")
     try:
         image = Image.open(io.BytesIO(data))
+        if min_size is not None:
+            # libjpeg scales by 1/2, 1/4 or 1/8 while decoding (in the DCT domain), so a 256-px
+            # JPEG headed for a 64-px crop is decoded at 128 px for a fraction of the work,
+            # instead of decoding every pixel and discarding most of them in the resize.
+            # A no-op for other formats and when no scale keeps both sides >= min_size.
+            image.draft("RGB", (min_size, min_size))
         image.load()  # decode now, so a truncated/corrupt file fails here and not in a transform
         return image.convert("RGB")
     except Exception as exn:  # noqa: BLE001 - PIL raises many types (OSError, ValueError, ...)
@@ -65,17 +72,19 @@ def decode_sample(
     transform: Callable[[Image.Image], torch.Tensor],
     tokenize: Callable[[str], Sequence[int]],
     augment_seed: int | None = None,
+    min_image_size: int | None = None,
 ) -> tuple[torch.Tensor, Sequence[int]]:
     """Raises SkipSample for anything wrong with the data. Tokenizer errors propagate: they are
     bugs, not bad data.
 
     augment_seed: if given, the transform's random draws come from torch's generator seeded with
     it, inside fork_rng so the caller's RNG state (the trainer's, when workers=0) is untouched.
+    min_image_size: smallest image side the transform needs (see `decode_image`).
     """
     if "__error__" in raw:
         raise SkipSample(raw["__error__"])
     caption = decode_caption(raw)  # cheaper than the image: check it first
-    image = decode_image(raw)
+    image = decode_image(raw, min_image_size)
     if augment_seed is None:
         pixels = transform(image)
     else:

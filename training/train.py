@@ -19,6 +19,7 @@ from training.process_group import Distributed, gather_objects, sum_over_ranks
 from training.optim import OptimConfig, lr_at, set_lr
 from training.run_config import TrainConfig
 from training.run_log import RunLog
+from training.transforms import normalize_images
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,7 +68,7 @@ class StopSignal:
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     non_blocking = device.type == "cuda"
     return {
-        "image": batch["image"].to(device, non_blocking=non_blocking),
+        "image": normalize_images(batch["image"], device),  # uint8 from the workers
         "text": batch["text"].to(device, non_blocking=non_blocking),
     }
 

@@ -1,7 +1,10 @@
 """Image transforms for CLIP training and evaluation.
 
 Train: RandomResizedCrop (bicubic) -> optional horizontal flip -> optional brightness/contrast
-jitter -> ToTensor -> Normalize (CLIP statistics) -> optional RandomErasing.
+jitter -> uint8 tensor -> optional RandomErasing (mean colour). Batches leave the dataloader
+workers as uint8; the trainer normalises them on its device (`normalize_images`): a quarter of
+the bytes through the worker queue (and over PCIe on a GPU), and no float conversion in the
+workers, which on a CPU machine share the cores with the model (bench/data_loader.py).
 Eval: Resize shorter side (bicubic) -> CenterCrop -> ToTensor -> Normalize.
 
 All random choices come from torch's global generator (torchvision's v1 transforms draw from it),
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torchvision import transforms as T
 
 if TYPE_CHECKING:  # data.py imports this module; the config is only needed for type checking
@@ -21,10 +25,13 @@ if TYPE_CHECKING:  # data.py imports this module; the config is only needed for 
 # The statistics of OpenAI's CLIP training set; every public CLIP checkpoint expects them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The mean colour in 0..255: what RandomErasing paints before normalisation (it becomes ~0).
+CLIP_MEAN_UINT8 = tuple(round(255 * m) for m in CLIP_MEAN)
 
 
 def build_train_transform(cfg: DataConfig) -> T.Compose:
-    """PIL RGB image -> normalized float tensor [3, cfg.image_size, cfg.image_size]."""
+    """PIL RGB image -> uint8 tensor [3, cfg.image_size, cfg.image_size] (not yet normalised:
+    see `normalize_images`)."""
     steps: list = [
         T.RandomResizedCrop(
             cfg.image_size, scale=tuple(cfg.scale), interpolation=T.InterpolationMode.BICUBIC
@@ -36,11 +43,22 @@ def build_train_transform(cfg: DataConfig) -> T.Compose:
     if cfg.color_jitter > 0:
         # Brightness and contrast only: hue/saturation shifts contradict color words in captions.
         steps.append(T.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter))
-    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    steps.append(T.PILToTensor())
     if cfg.random_erasing > 0:
-        # After Normalize, value 0 paints the erased box with the dataset mean color.
-        steps.append(T.RandomErasing(p=cfg.random_erasing, value=0))
+        # The mean colour, which normalisation turns into ~0 (what erasing after Normalize with
+        # value 0 would paint).
+        steps.append(T.RandomErasing(p=cfg.random_erasing, value=CLIP_MEAN_UINT8))
     return T.Compose(steps)
+
+
+def normalize_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, 3, H, W] from the train loader -> float32 CLIP-normalised, on `device`. The
+    copy moves uint8 (4x fewer bytes); the arithmetic then runs where the model runs."""
+    non_blocking = device.type == "cuda"  # the loader pins its batches when CUDA is present
+    pixels = images.to(device, non_blocking=non_blocking).float()
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
+    return pixels.sub_(mean).div_(std)
 
 
 def build_eval_transform(image_size: int) -> T.Compose:
