@@ -13,7 +13,7 @@ SHARDS_ARGS ?=
 CONFIG ?= configs/tiny_demo.toml
 TRAIN_ARGS ?=
 
-.PHONY: install shards validate tokenizer train eval demo test clean
+.PHONY: install shards validate tokenizer train eval demo test bench clean
 
 install: $(STAMP)
 
@@ -54,6 +54,19 @@ eval: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Speed next to its yardsticks (OpenCLIP's trainer and loader, CLIP_benchmark, the matmul peak)
+# -> bench/results.md and bench/results.json; ~15 min on 2 CPU cores, builds its 256-px corpus
+# into data/bench on first use. BENCH_ARGS=--quick for a smoke test (numbers not for quoting).
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf data runs

@@ -1,0 +1,143 @@
+"""Data loader throughput: our training pipeline alone vs the raw JPEG-decode limit and
+OpenCLIP's loader, on the same shards with the same number of worker processes.
+
+    .venv/bin/python -m bench.data_loader [--workers 1 --batches 24]
+
+- ours: `training.data.build_train_loader` exactly as the trainer builds it (tar reading,
+  shuffle buffer, decode, RandomResizedCrop, tokenise with CLIP's BPE, dynamic-length collate,
+  handing batches over from the worker processes).
+- raw decode limit: the same JPEG bytes (already in memory) decoded to RGB by PIL in `--workers`
+  processes and nothing else: no tar reading, no augmentation, no batching.
+- OpenCLIP: `open_clip_train.data.get_wds_dataset` with OpenCLIP's own training transform and
+  tokenizer, the loader its trainer uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import tarfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+from braceexpand import braceexpand
+from PIL import Image
+
+from training.data import DataConfig, build_train_loader
+from training.tokenizer import Tokenizer
+
+DEFAULT_SHARDS = "data/bench/corpus/train/{00000..00007}.tar"
+
+
+def _jpeg_bytes(pattern: str, limit: int) -> list[bytes]:
+    images: list[bytes] = []
+    for path in braceexpand(pattern):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    images.append(tar.extractfile(member).read())
+                    if len(images) == limit:
+                        return images
+    return images
+
+
+def _decode_all(images: list[bytes]) -> float:
+    started = time.perf_counter()
+    for data in images:
+        Image.open(io.BytesIO(data)).convert("RGB")  # convert() forces the full decode
+    return time.perf_counter() - started
+
+
+def raw_decode_limit(pattern: str, samples: int, workers: int) -> float:
+    """Images/s of PIL decode alone, `workers` processes each decoding an equal share."""
+    images = _jpeg_bytes(pattern, samples)
+    processes = max(1, workers)
+    shares = [images[i::processes] for i in range(processes)]
+    _decode_all(images[:32])  # warm-up: library loading, first allocations
+    if processes == 1:
+        return len(images) / _decode_all(images)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        seconds = pool.map(_decode_all, shares)  # each process times its own share
+    return len(images) / max(seconds)
+
+
+def _time_batches(batches, warmup: int, timed: int, batch_size) -> float:
+    iterator = iter(batches)
+    for _ in range(warmup):
+        next(iterator)
+    started, samples = time.perf_counter(), 0
+    for _ in range(timed):
+        batch = next(iterator)
+        samples += batch_size(batch)
+    return samples / (time.perf_counter() - started)
+
+
+def ours(pattern: str, tokenizer: Tokenizer, args: argparse.Namespace) -> float:
+    cfg = DataConfig(
+        train_shards=pattern, num_samples=4096, batch_size=args.batch, image_size=args.image_size,
+        workers=args.workers, sample_shuffle_buffer=256, scale=(0.9, 1.0),
+    )
+    loader = build_train_loader(cfg, tokenizer.encode, tokenizer.pad_id)
+    try:
+        return _time_batches(loader, args.warmup, args.batches, lambda b: b["image"].shape[0])
+    finally:
+        loader.close()
+
+
+def openclip(pattern: str, args: argparse.Namespace) -> float:
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    preprocess = open_clip.image_transform(args.image_size, is_train=True)
+    options = Namespace(
+        train_data=pattern, train_data_upsampling_factors=None, dataset_resampled=False,
+        train_num_samples=64 * 4096, batch_size=args.batch, workers=args.workers,
+        world_size=1, seed=0, distributed=False, val_data=None,
+    )
+    data = get_wds_dataset(options, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-S-32"))
+    return _time_batches(data.dataloader, args.warmup, args.batches, lambda b: b[0].shape[0])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loader-shards", default=DEFAULT_SHARDS)
+    parser.add_argument("--tokenizer", default="data/bench/corpus/tokenizer.json")
+    parser.add_argument("--loader-batches", dest="batches", type=int, default=24)
+    parser.add_argument("--loader-warmup", dest="warmup", type=int, default=2)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    samples = args.batches * args.batch
+    # Interleaved (ours, raw, OpenCLIP, ours) so a load change from other jobs shows up as a
+    # spread between ours' two readings instead of biasing one side.
+    first = ours(args.loader_shards, tokenizer, args)
+    raw = raw_decode_limit(args.loader_shards, samples, args.workers)
+    reference = openclip(args.loader_shards, args)
+    second = ours(args.loader_shards, tokenizer, args)
+    mean = (first + second) / 2
+    return {
+        "ours_samples_per_s": mean,
+        "ours_readings": [first, second],
+        "raw_decode_samples_per_s": raw,
+        "openclip_samples_per_s": reference,
+        "ratio_to_raw_decode": mean / raw,
+        "ratio_to_openclip": mean / reference,
+        "workers": args.workers,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    result = measure(parser.parse_args(argv))
+    for key, value in result.items():
+        print(f"{key:28s} {value}")
+
+
+if __name__ == "__main__":
+    main()
