@@ -89,7 +89,11 @@ def decode_sample(
         pixels = transform(image)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(augment_seed)
+            # The CPU generator only (what fork_rng saves and torchvision draws from):
+            # torch.manual_seed also queues a seed for every lazily initialised accelerator,
+            # recording a stack trace each time, which cost more than the JPEG decode
+            # (bench/data_loader.py). Same draws as torch.manual_seed on the CPU.
+            torch.default_generator.manual_seed(augment_seed)
             pixels = transform(image)
     tokens = tokenize(caption)
     if len(tokens) == 0:
