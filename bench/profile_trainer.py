@@ -4,8 +4,9 @@ worker) and torch.profiler over one step, summarised as text into bench/profiles
     .venv/bin/python -m bench.profile_trainer [--steps 12]
 
 Writes bench/profiles/trainer_pyspy_vit_s32.txt (share of samples per process, per training
-phase, and the hottest functions) and bench/profiles/train_step_torch_vit_s32.txt (torch
-operators of one step by self CPU time). Raw files stay in data/bench/work.
+phase, and the hottest functions), bench/profiles/train_step_torch_vit_s32.txt (torch
+operators of one step by self CPU time) and bench/profiles/data_loader_cprofile_vit_s32.txt (the
+data pipeline by function). Raw files stay in data/bench/work.
 """
 
 from __future__ import annotations
@@ -138,6 +139,34 @@ def torch_profile_step(args: argparse.Namespace) -> str:
             f"after two warm-up steps; sorted by self CPU time.\n\n{table}\n")
 
 
+def loader_profile(batches: int = 8) -> str:
+    """cProfile of the training data pipeline in-process (workers=0), by self time: what the
+    loader spends per sample besides the JPEG decode."""
+    import cProfile
+    import io
+    import pstats
+
+    from training.data import build_train_loader
+    from training.run_config import load_run_config
+    from training.tokenizer import Tokenizer
+
+    cfg = load_run_config(CONFIG, ["data.workers=0"])
+    tokenizer = Tokenizer.from_file(cfg.tokenizer_path())
+    loader = build_train_loader(cfg.data, tokenizer.encode, tokenizer.pad_id)
+    next(loader)  # shard opening, shuffle buffer fill
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(batches):
+        next(loader)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+    samples = batches * cfg.data.batch_size
+    return (f"cProfile of {batches} batches ({samples} samples) of the {CONFIG} data pipeline "
+            f"in one process (decode, RandomResizedCrop 256 -> 224 bicubic, tokenise, collate), "
+            f"sorted by self time.\n{out.getvalue()}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -145,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     PROFILES.mkdir(exist_ok=True)
+    (PROFILES / "data_loader_cprofile_vit_s32.txt").write_text(loader_profile())
     (PROFILES / "train_step_torch_vit_s32.txt").write_text(torch_profile_step(args))
     raw = _pyspy(args.steps, args.rate)
     (PROFILES / "trainer_pyspy_vit_s32.txt").write_text(summarise_pyspy(raw, args.steps))
