@@ -1,6 +1,6 @@
 """Training throughput: our trainer next to OpenCLIP's (`open_clip_train.main`), same shards.
 
-    .venv/bin/python -m bench.train_throughput [--steps 24 --warmup 4] [--device cuda --model vit_b16]
+    .venv/bin/python -m bench.train_throughput [--steps 32 --warmup 8] [--device cuda --model vit_b16]
 
 Both run as real subprocesses on the same JPEG shards with the same model size (ViT-S/32 towers),
 batch, learning-rate schedule (linear warm-up then cosine), AdamW betas/eps/weight decay, bf16
@@ -100,8 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--warmup", type=int, default=4, help="steps left out of samples/s")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=8, help="steps left out of samples/s")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--lr-warmup", type=int, default=10, help="learning-rate warm-up steps")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

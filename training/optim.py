@@ -21,8 +21,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # torch's fused AdamW kernel (CPU and CUDA): one pass over each parameter instead of the
-    # foreach path's dozen elementwise passes; measured ~5x faster per step for ViT-S/32 on CPU
-    # (bench/profiles/). Off only to compare against the reference implementation.
+    # foreach path's dozen elementwise passes; for ViT-S/32 on 2 CPU cores its step took ~0.07 s
+    # against 0.2-0.6 s (bench/profiles/SUMMARY.md). Off only to compare with the reference path.
     fused: bool = True
 
     def __post_init__(self) -> None:
