@@ -169,6 +169,28 @@ def test_grad_checkpointing_gives_same_outputs_and_grads():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
+def test_math_attention_equals_fused_attention_values_and_grads():
+    # The CPU default ("math") against torch's fused kernel, both towers, fp32.
+    images, text = torch.randn(3, 3, 64, 64), pad(captions_ids([5, 8, 3]), 8)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    results = []
+    for fused in (True, False):
+        model.set_fused_attention(fused)
+        switches = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+        assert len(switches) == 4 + 3 and all(s == fused for s in switches)  # ViT + text blocks
+        model.zero_grad()
+        out = model(images, text)
+        (out["image_features"] @ out["text_features"].T).logsumexp(-1).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (fused_out, fused_grads), (math_out, math_grads) = results
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(math_out[key], fused_out[key])
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(math_grads[name], grad, msg=name)
+
+
 def test_weight_decay_groups(tiny):
     names = no_weight_decay_names(tiny)
     for expected in (

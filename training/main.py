@@ -83,6 +83,10 @@ def run(cfg: RunConfig) -> Progress:
         tokenizer = Tokenizer.from_file(tok_path)
         model_cfg = build_model_config(cfg, tokenizer)
         model = build_model(model_cfg)
+        attention = cfg.train.attention
+        model.set_fused_attention(
+            attention == "fused" or (attention == "auto" and env.device.type == "cuda")
+        )
         precision = Precision(cfg.train.precision, "cuda" if env.device.type == "cuda" else "cpu")
         optimizer = build_optimizer(model, cfg.optim)
         run_dir = Path(cfg.train.run_dir)

@@ -50,6 +50,15 @@ class CLIP(nn.Module):
             self.text.eval()
         return self
 
+    def set_fused_attention(self, enable: bool) -> None:
+        """Fused scaled_dot_product_attention kernels (flash / memory-efficient) in both towers,
+        or the plain matmul-softmax-matmul path. Same maths; which is faster depends on the
+        device, so the trainer chooses (on CPU the plain path measured faster at CLIP's short
+        sequences). Every module with timm's `fused_attn` switch follows, ours included."""
+        for module in self.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = enable
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)

@@ -22,12 +22,19 @@ class CausalSelfAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
+        # Same switch name as timm's Attention, so CLIP.set_fused_attention sets both towers.
+        self.fused_attn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         # (B, L, 3W) -> 3 x (B, heads, L, W / heads)
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.fused_attn:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu_(1)
+            y = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
         return self.out(y.transpose(1, 2).reshape(batch, length, width))
 
 
