@@ -32,8 +32,11 @@ def test_short_run_lowers_the_loss_clearly(corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = _losses(run_dir)
     assert len(losses) == 60
+    # The demo shards' sample order follows img2dataset's download threads, so each session
+    # trains on a different order: measured last/first 0.63-0.72 over sessions. The bars below
+    # still fail for a model that does not learn (chance is ln 16 = 2.77 for batch 16).
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
-    assert last < 0.7 * first, losses
+    assert last < 0.8 * first and last < math.log(16) - 0.4, losses
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     zeroshot = [r for r in records if "zeroshot/demo_heldout/acc1" in r]
     assert [r["step"] for r in zeroshot] == [30, 60]
