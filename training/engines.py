@@ -175,7 +175,7 @@ class DeepSpeedEngine:
 
         # Reuses the process group setup_distributed made (gloo on CPU, NCCL on GPUs).
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
-        _broadcast_scalar_parameters(model, env)
+        _broadcast_scalar_parameters(model)
         self.env = env
         self.ds_config = ds_config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -248,15 +248,15 @@ class DeepSpeedEngine:
         return state
 
 
-def _broadcast_scalar_parameters(model: nn.Module, env: Distributed) -> None:
+def _broadcast_scalar_parameters(model: nn.Module) -> None:
     """Work around DeepSpeed 0.19 failing on 0-dim parameters (our logit scale and bias) under
     bf16: its start-up broadcast views each parameter as bytes, which a 0-dim bf16 tensor cannot
     do. We broadcast those from rank 0 ourselves (all ranks take part; shape [] in and out) and
     mark them with the attribute DeepSpeed uses to skip its own broadcast."""
     import torch.distributed as dist
 
-    # Not `env.enabled`: DeepSpeed initialises a process group (and broadcasts) even for a
-    # single torchrun process.
+    # Whenever a process group exists, not only for several ranks: DeepSpeed initialises one
+    # (and broadcasts) even for a single torchrun process.
     if not dist.is_initialized():
         return
 
