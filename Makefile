@@ -31,18 +31,18 @@ validate: $(STAMP)
 
 # A byte-level BPE trained on the demo's training captions, saved beside the shards.
 tokenizer: $(STAMP)
-	$(PY) -m training.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
+	$(PY) -m training.text.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
 
 train: $(STAMP)
-	$(PY) -m training.main --config $(CONFIG) train.resume=latest $(TRAIN_ARGS)
+	$(PY) -m training.main --config $(CONFIG) checkpoint.resume=latest $(TRAIN_ARGS)
 
 # The main job on the embedded default: shards -> validate -> tokenizer -> train -> eval -> report.
 # Re-running is cheap: finished shards are skipped and a finished run is only reported.
 demo: $(STAMP)
 	$(PY) -m data_pipeline.shards --output $(DEMO) --incremental
 	$(PY) -m data_pipeline.validate $(DEMO)
-	test -f $(DEMO)/tokenizer.json || $(PY) -m training.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
-	$(PY) -m training.main --config configs/tiny_demo.toml train.resume=latest
+	test -f $(DEMO)/tokenizer.json || $(PY) -m training.text.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
+	$(PY) -m training.main --config configs/tiny_demo.toml checkpoint.resume=latest
 	$(PY) -m eval.run --checkpoint runs/tiny_demo --demo $(DEMO)
 	$(PY) -m training.report --run-dir runs/tiny_demo --shards $(DEMO)
 

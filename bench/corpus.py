@@ -35,7 +35,7 @@ def ensure_corpus(root: Path = ROOT) -> Path:
         )
     tokenizer = root / "tokenizer.json"
     if not tokenizer.is_file():
-        from training.tokenizer import Tokenizer
+        from training.text.tokenizer import Tokenizer
 
         Tokenizer.from_clip_bpe(clip_bpe_path()).save(tokenizer)
     return root
@@ -48,7 +48,7 @@ def caption_lengths(pattern: str, tokenizer_path: Path) -> list[int]:
 
     from braceexpand import braceexpand
 
-    from training.tokenizer import Tokenizer
+    from training.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_path)
     lengths = []

@@ -26,7 +26,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from training.data import DataConfig, build_train_loader
-from training.tokenizer import Tokenizer
+from training.text.tokenizer import Tokenizer
 
 DEFAULT_SHARDS = "data/bench/corpus/train/{00000..00007}.tar"
 

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader
 
 from eval.config import InferenceConfig
 from eval.datasets import ClassificationSet
-from eval.demo import _label, read_corpus
+from eval.demo import demo_label, read_corpus
 from eval.shard_images import ShardImages
 from eval.zeroshot import zeroshot_classification
-from training.trained_model import load_trained_model, resolve_checkpoint
+from training.model.trained import load_trained_model, resolve_checkpoint
 
 
 def _openclip_model(trained, workdir: Path):
@@ -56,7 +56,7 @@ def measure(
     corpus = read_corpus(Path(corpus_root))
     urls = corpus.split("train")[:shards]
     size = trained.model_config.vision.image_size
-    dataset = ShardImages(urls, size, partial(_label, corpus.index))
+    dataset = ShardImages(urls, size, partial(demo_label, corpus.index))
     dataset.classes = corpus.classnames  # CLIP_benchmark reads the class list off the dataset
     data = ClassificationSet("bench", corpus.classnames, corpus.templates, dataset)
     cfg = InferenceConfig(batch_size=batch, workers=workers, precision="bf16", device=device)

@@ -55,7 +55,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from training.losses import ClipLoss
-from training.tiled_loss import TiledClipLoss
+from training.losses.tiled_clip import TiledClipLoss
 
 MIB = 2**20
 GIB = 2**30

@@ -30,16 +30,16 @@ CONFIG = "configs/bench_vit_s32.toml"
 # (those holding _worker_loop) are matched against the worker phases only.
 MAIN_PHASES = [
     ("data wait (next batch from the worker)", "_timed_batches"),
-    ("forward", "forward (training/engines.py"),
-    ("backward", "backward (training/engines.py"),
+    ("forward", "forward (training/parallel/engines.py"),
+    ("backward", "backward (training/parallel/engines.py"),
     ("clip + optimizer step", "finish_step"),
-    ("checkpoint", "save (training/engines.py"),
+    ("checkpoint", "save (training/parallel/engines.py"),
 ]
 WORKER_PHASES = [
     ("worker: JPEG decode", "decode_image"),
     ("worker: crop + resize + to uint8", "__call__ (torchvision/transforms/transforms.py"),
-    ("worker: tokenise", "encode (training/tokenizer.py"),
-    ("worker: collate", "collate (training/sample_decode.py"),
+    ("worker: tokenise", "encode (training/text/tokenizer.py"),
+    ("worker: collate", "collate (training/data/decode.py"),
     ("worker: other (tar reading, shuffle buffer, queue)", "_worker_loop"),
 ]
 
@@ -104,10 +104,10 @@ def torch_profile_step(args: argparse.Namespace) -> str:
     from training.main import build_model_config
     from training.model import build_model
     from training.optim import build_optimizer
-    from training.precision import Precision
+    from training.parallel.precision import Precision
     from training.run_config import load_run_config
-    from training.tokenizer import Tokenizer
-    from training.train import _to_device
+    from training.text.tokenizer import Tokenizer
+    from training.train import batch_to_device
 
     cfg = load_run_config(CONFIG, ["data.workers=0"])
     tokenizer = Tokenizer.from_file(cfg.tokenizer_path())
@@ -117,7 +117,7 @@ def torch_profile_step(args: argparse.Namespace) -> str:
     precision = Precision("bf16", "cpu")
     loss_fn = build_loss(cfg.loss)
     loader = build_train_loader(cfg.data, tokenizer.encode, tokenizer.pad_id)
-    batch = _to_device(next(loader), torch.device("cpu"))
+    batch = batch_to_device(next(loader), torch.device("cpu"))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -148,7 +148,7 @@ def loader_profile(batches: int = 8) -> str:
 
     from training.data import build_train_loader
     from training.run_config import load_run_config
-    from training.tokenizer import Tokenizer
+    from training.text.tokenizer import Tokenizer
 
     cfg = load_run_config(CONFIG, ["data.workers=0"])
     tokenizer = Tokenizer.from_file(cfg.tokenizer_path())

@@ -43,7 +43,7 @@ def model_flops(args: argparse.Namespace) -> dict:
 
     from training.model import build_model
     from training.model.configs import MODEL_CONFIGS, with_tokenizer
-    from training.tokenizer import Tokenizer
+    from training.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
     cfg = with_tokenizer(MODEL_CONFIGS[args.model](), tokenizer)
@@ -64,7 +64,7 @@ def tiny_run(args: argparse.Namespace) -> dict:
         [sys.executable, "-m", "training.main", "--config", "configs/tiny_demo.toml",
          f"data.train_shards={args.shards}", "data.num_samples=4056", f"tokenizer={args.tokenizer}",
          f"train.steps={steps}", f"train.run_dir={run_dir}", "log.every=1",
-         "log.progress_bar=false", f"train.device={args.device}"],
+         "log.progress_bar=false", f"engine.device={args.device}"],
         cwd=REPO, check=True, capture_output=True,
     )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

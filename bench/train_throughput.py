@@ -62,7 +62,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, overrides: tuple[str, ...]
         f"data.train_shards={args.shards}", f"data.num_samples={args.steps * args.batch}",
         f"data.batch_size={args.batch}", f"data.workers={args.workers}",
         f"model.name={args.model}", f"data.image_size={args.image_size}",
-        f"train.steps={args.steps}", f"train.run_dir={run_dir}", f"train.device={args.device}",
+        f"train.steps={args.steps}", f"train.run_dir={run_dir}", f"engine.device={args.device}",
         f"optim.lr={args.lr}", f"optim.warmup_steps={args.lr_warmup}", "log.every=1",
         "log.progress_bar=false", *overrides,
     ]

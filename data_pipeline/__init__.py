@@ -7,7 +7,7 @@ Entry points (thin: parse, build, run):
 One URL list into one shard folder:
     shard_config.py       ShardConfig, the typed options of a run
     url_list.py           checks a URL list's file, columns and rows before img2dataset sees it
-    shard_files.py        what a shard folder may hold; reading tars back sample by sample
+    shard_files.py        what a shard folder may hold
     img2dataset_runner.py the img2dataset call (log redirection, Ctrl-C handling)
     manifest.py           sizes.json, manifest.json, failure reasons, the summary table
     shard_build.py        check -> download -> describe, for one folder
@@ -18,6 +18,9 @@ The demo corpus:
     shape_rendering.py    PIL drawing of each planned row, in parallel
     loopback_server.py    HTTP server on 127.0.0.1 for the rendered files
     demo_build.py         render -> serve -> download the train/val/heldout splits
+
+Reading shards back (every reader: validate, the trainer, eval, search, the tokenizer):
+    shard_format.py       tar -> raw samples, and what makes a sample usable (and why not)
 
 errors.py holds UserError and run_main, shared with the other packages' entry points.
 """

@@ -16,7 +16,6 @@ Two of its behaviours are fenced off here:
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -117,18 +116,40 @@ def _img2dataset_without_sigint_handler() -> Iterator[None]:
         module.signal = original
 
 
-def _clean_up_after_interruption(output: str) -> None:
-    """Stop img2dataset's pool, logger process and workers, then drop its scratch folder.
+@contextmanager
+def _pools_started_here() -> Iterator[list[multiprocessing.pool.Pool]]:
+    """Collects the process pools created inside the block (img2dataset's), and only those, by
+    wrapping Pool's constructor for the duration, so a clean-up can stop exactly them."""
+    started: list[multiprocessing.pool.Pool] = []
+    original = multiprocessing.pool.Pool.__init__
+
+    def recording_init(pool, *args, **kwargs):
+        started.append(pool)
+        original(pool, *args, **kwargs)
+
+    multiprocessing.pool.Pool.__init__ = recording_init
+    try:
+        yield started
+    finally:
+        multiprocessing.pool.Pool.__init__ = original
+
+
+def _clean_up_after_interruption(
+    output: str, pools: list[multiprocessing.pool.Pool], children_before: set
+) -> None:
+    """Stop the pools and child processes this run started (img2dataset's pool, logger process
+    and workers), then drop its scratch folder.
 
     Best effort, never raising: the interruption is what the caller must see."""
-    for pool in [obj for obj in gc.get_objects() if isinstance(obj, multiprocessing.pool.Pool)]:
+    for pool in pools:
         try:
             pool.terminate()  # joins the pool's threads, so nothing respawns a worker afterwards
         except Exception:  # noqa: BLE001 - a pool interrupted inside its constructor
             pass  # has no finaliser yet; its workers are stopped just below
-    for child in multiprocessing.active_children():  # only processes this run started
+    ours = [c for c in multiprocessing.active_children() if c not in children_before]
+    for child in ours:
         child.terminate()
-    for child in multiprocessing.active_children():
+    for child in ours:
         child.join(timeout=10)
     try:
         fs, path = fsspec.core.url_to_fs(output)
@@ -156,10 +177,12 @@ def run_img2dataset(config: ShardConfig, url_list: str, label: str, total_shards
 
     already_done = len(finished_shard_ids(config.output))
     started = time.perf_counter()
+    children_before = set(multiprocessing.active_children())
     with (
         _output_into(log_path_for(config.output)) as real_stdout,
         _progress(config.output, label, total_shards, already_done, real_stdout),
         _img2dataset_without_sigint_handler(),
+        _pools_started_here() as pools,
     ):
         try:
             download(
@@ -186,6 +209,6 @@ def run_img2dataset(config: ShardConfig, url_list: str, label: str, total_shards
                 incremental_mode="incremental",  # never "overwrite": see the module docstring
             )
         except BaseException:
-            _clean_up_after_interruption(config.output)
+            _clean_up_after_interruption(config.output, pools, children_before)
             raise
     return time.perf_counter() - started

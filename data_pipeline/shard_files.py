@@ -1,4 +1,4 @@
-"""What a shard folder may hold, and reading a webdataset tar back sample by sample.
+"""What a shard folder may hold (reading the tars is data_pipeline.shard_format's job).
 
 A shard folder holds, per shard N (zero-padded, e.g. 00000): N.tar (the samples), N.parquet
 (img2dataset's per-URL record, failures included) and N_stats.json (written last, so it marks a
@@ -10,9 +10,6 @@ never delete it (img2dataset's own "overwrite" mode would `rm -r` the whole fold
 from __future__ import annotations
 
 import re
-import tarfile
-from dataclasses import dataclass, field
-from typing import IO
 
 import fsspec
 
@@ -25,9 +22,6 @@ SIZES_FILE = "sizes.json"
 MANIFEST_FILE = "manifest.json"
 LOG_FILE = "img2dataset.log"
 OUR_FILES = frozenset({SIZES_FILE, MANIFEST_FILE, LOG_FILE, "_tmp"})
-# A tar ends with two 512-byte blocks of zeros; a file cut short at a member boundary lacks them
-# and would otherwise read as a valid tar with fewer samples.
-END_OF_ARCHIVE = b"\0" * 1024
 
 
 def _names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
@@ -82,40 +76,3 @@ def shard_tars(output: str) -> list[str]:
     """Names of the shard tars in a folder, in shard order."""
     fs, path = fsspec.core.url_to_fs(output)
     return sorted((n for n in _names(fs, path) if SHARD_TAR.match(n)), key=lambda n: int(n.split(".")[0]))
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """'dir/000012.jpg' -> ('dir/000012', 'jpg'): webdataset's key is everything before the
-    first dot of the file name, the extension everything after it."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext
-
-
-@dataclass
-class TarReadResult:
-    samples: dict[str, dict[str, bytes]] = field(default_factory=dict)
-    error: str | None = None  # why reading stopped early: the tar is truncated or corrupt
-
-
-def read_tar(handle: IO[bytes]) -> TarReadResult:
-    """Group a tar's members into samples by key; never raises on a damaged tar."""
-    result = TarReadResult()
-    try:
-        with tarfile.open(fileobj=handle, mode="r:") as tar:
-            for member in tar:  # headers are read lazily, so a damaged one raises here
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                extracted = tar.extractfile(member)
-                data = extracted.read() if extracted is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is cut short")
-                result.samples.setdefault(key, {})[ext] = data
-            end = tar.offset
-        handle.seek(end)
-        if handle.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
-            result.error = "tar ends without its end-of-archive marker (truncated file)"
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        result.error = f"unreadable tar ({exc})"
-    return result

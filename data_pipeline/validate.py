@@ -3,7 +3,8 @@
     python -m data_pipeline.validate DIR
 
 Opens every N.tar in DIR and checks that the tar is whole (not truncated), that every sample has
-an image that decodes and a non-empty caption (.txt), that each .json parses, and that
+an image that decodes and a non-empty UTF-8 caption (.txt) -- the trainer's own test of a usable
+sample, from data_pipeline.shard_format -- that each .json parses, and that
 sizes.json lists every tar with its true sample count. If DIR is a demo corpus (it holds train/,
 val/, heldout/), each of those folders is checked. Every problem is printed with its shard and
 sample key. Exit status: 0 all good, 1 problems found, 2 DIR is not a shard folder.
@@ -12,20 +13,18 @@ sample key. Exit status: 0 all good, 1 problems found, 2 DIR is not a shard fold
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
 import fsspec
-from PIL import Image
 
 from data_pipeline.demo_corpus import SPLITS
 from data_pipeline.errors import UserError, run_main
-from data_pipeline.shard_files import SIZES_FILE, finished_shard_ids, read_tar, shard_tars
+from data_pipeline.shard_files import SIZES_FILE, finished_shard_ids, shard_tars
+from data_pipeline.shard_format import read_shard, sample_problems
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_PRINTED_PROBLEMS = 50  # per folder; a broken writer can produce one problem per sample
 
 
@@ -48,38 +47,6 @@ class FolderReport:
     problems: list[Problem] = field(default_factory=list)
 
 
-def _image_problem(data: bytes) -> str | None:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()  # checks structure; the image must be reopened before decoding pixels
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
-        return f"image does not decode ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _sample_problems(key: str, parts: dict[str, bytes]) -> list[str]:
-    problems = []
-    images = [ext for ext in IMAGE_EXTENSIONS if ext in parts]
-    if not images:
-        problems.append(f"no image (has only {', '.join(sorted(parts)) or 'nothing'})")
-    else:
-        problem = _image_problem(parts[images[0]])
-        if problem:
-            problems.append(f"{images[0]}: {problem}")
-    if "txt" not in parts:
-        problems.append("no caption (.txt missing)")
-    elif not parts["txt"].decode("utf-8", errors="replace").strip():
-        problems.append("empty caption (.txt)")
-    if "json" in parts:
-        try:
-            json.loads(parts["json"])
-        except ValueError as exc:
-            problems.append(f"unreadable .json ({exc})")
-    return problems
-
-
 def validate_folder(folder: str) -> FolderReport:
     """Check one shard folder; problems are collected, never raised."""
     fs, path = fsspec.core.url_to_fs(folder)
@@ -89,10 +56,13 @@ def validate_folder(folder: str) -> FolderReport:
     counts: dict[str, int] = {}
     for name in tars:
         report.shards += 1
-        with fs.open(f"{path}/{name}", "rb") as handle:
-            result = read_tar(handle)
-        if result.error:
-            report.problems.append(Problem(name, None, result.error))
+        samples = 0
+        for raw in read_shard(f"{folder.rstrip('/')}/{name}"):
+            if not raw["__key__"]:  # the tar itself is broken, truncated or empty
+                report.problems.append(Problem(name, None, raw["__error__"]))
+                continue
+            samples += 1
+            report.problems.extend(Problem(name, raw["__key__"], m) for m in sample_problems(raw))
         if finished and int(name.split(".")[0]) not in finished:
             report.problems.append(
                 Problem(
@@ -101,10 +71,8 @@ def validate_folder(folder: str) -> FolderReport:
                     "img2dataset did not finish this shard (no _stats.json); rerun with --incremental",
                 )
             )
-        counts[name] = len(result.samples)
-        report.samples += len(result.samples)
-        for key, parts in result.samples.items():
-            report.problems.extend(Problem(name, key, message) for message in _sample_problems(key, parts))
+        counts[name] = samples
+        report.samples += samples
     report.problems.extend(_sizes_problems(fs, path, counts))
     return report
 

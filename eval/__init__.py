@@ -19,7 +19,7 @@ The file list is the architecture:
     retrieval.py    image<->text retrieval (several captions per image)
     linear_probe.py logistic regression on frozen image features, C chosen on a validation split
     demo.py         the demo corpus suite (compositional held-out colour x shape) and the
-                    in-training hook `zero_shot_during_training`
+                    in-training hook `DemoZeroShot` (the trainer's entry point passes it in)
     results.py      result JSON files, done records, summary tables
     plots.py        metric-vs-step plot and search result grids (matplotlib, Agg)
     wandb_log.py    results into the training run's W&B run

@@ -27,8 +27,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data_pipeline.errors import UserError
-from eval.shard_images import ShardImages, class_label, shard_urls
-from training.transforms import build_eval_transform
+from data_pipeline.shard_format import class_label, is_url
+from eval.shard_images import ShardImages, shard_urls
+from training.data.sources import SOURCE_SEPARATOR
+from training.data.transforms import build_eval_transform
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -197,7 +199,7 @@ def _folder_images(
 
 def _is_shard_spec(spec: str) -> bool:
     path = Path(spec)
-    return ("{" in spec or "::" in spec or "://" in spec or spec.startswith("pipe:")
+    return ("{" in spec or SOURCE_SEPARATOR in spec or is_url(spec) or spec.startswith("pipe:")
             or spec.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar"))))
 
 

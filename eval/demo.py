@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -38,9 +37,10 @@ from eval.metrics import (
     classification_chance, classification_metrics, retrieval_chance, retrieval_metrics,
 )
 from eval.results import EvalResult
-from eval.shard_images import RawSample, ShardImages, captions, read_json_member, shard_urls
-from training.tokenizer import Tokenizer
-from training.trained_model import TrainedModel
+from data_pipeline.shard_format import RawSample, captions, decode_metadata
+from eval.shard_images import ShardImages, shard_urls
+from training.text.tokenizer import Tokenizer
+from training.model.trained import TrainedModel
 
 LAYOUT = "a demo corpus root with corpus.json and train/ val/ heldout/ shard folders " \
          "(python -m data_pipeline.shards --output DIR)"
@@ -79,21 +79,21 @@ def read_corpus(root: Path) -> DemoCorpus:
     )
 
 
-def _sample(index: dict[tuple[str, str], int], raw: RawSample) -> tuple[int, list[str]] | None:
+def demo_sample(index: dict[tuple[str, str], int], raw: RawSample) -> tuple[int, list[str]] | None:
     """(class index, captions) of a demo sample, from the attributes in its .json."""
-    meta = read_json_member(raw)
+    meta = decode_metadata(raw)
     label = index.get((meta.get("colour"), meta.get("shape")))
     return None if label is None else (label, captions(raw) or [])
 
 
-def _label(index: dict[tuple[str, str], int], raw: RawSample) -> int | None:
-    found = _sample(index, raw)
+def demo_label(index: dict[tuple[str, str], int], raw: RawSample) -> int | None:
+    found = demo_sample(index, raw)
     return None if found is None else found[0]
 
 
 def demo_classification_set(corpus: DemoCorpus, image_size: int, with_train: bool) -> ClassificationSet:
     """val as the test split, train for the linear probe; labels = colour x shape class."""
-    label = partial(_label, corpus.index)
+    label = partial(demo_label, corpus.index)
     train = ShardImages(corpus.split("train"), image_size, label) if with_train else None
     return ClassificationSet("demo_val", corpus.classnames, corpus.templates,
                              ShardImages(corpus.split("val"), image_size, label), train)
@@ -125,7 +125,7 @@ def evaluate_demo(trained: TrainedModel, root: Path, cfg: InferenceConfig) -> li
     corpus = read_corpus(root)
     model, tokenizer = trained.model, trained.tokenizer
     classifier = class_embeddings(model, tokenizer, corpus.classnames, corpus.templates, cfg)
-    payload = partial(_sample, corpus.index)
+    payload = partial(demo_sample, corpus.index)
     results = []
     val_features, val_payloads = None, None
     for split, heldout in (("heldout", True), ("val", False)):
@@ -159,57 +159,69 @@ def evaluate_demo(trained: TrainedModel, root: Path, cfg: InferenceConfig) -> li
 
 # -- in-training hook ----------------------------------------------------------------------------
 
-_IMAGE_CACHE: dict[tuple[str, int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
+class DemoZeroShot:
+    """The trainer's zero-shot check on the demo corpus (rank 0 only). Built once per run: it
+    decodes the first `max_images` of heldout/ and val/ on its first call and keeps them (a few
+    MB at demo sizes) for the run's later calls, and only for this run.
 
-def _cached_images(corpus: DemoCorpus, image_size: int, max_images: int) -> dict[str, Any]:
-    """Decoded, transformed images of heldout/ and val/ (the first max_images of each), kept
-    for the life of the process: the trainer calls the hook many times, decoding happens once."""
-    key = (str(corpus.root.resolve()), image_size, max_images)
-    if key not in _IMAGE_CACHE:
-        loaded = {}
-        for split in ("heldout", "val"):
-            data = ShardImages(corpus.split(split), image_size, partial(_label, corpus.index))
-            images, labels = [], []
-            for image, label in data:
-                images.append(image)
-                labels.append(label)
-                if len(images) == max_images:
-                    break
-            loaded[split] = (torch.stack(images), torch.tensor(labels))
-        _IMAGE_CACHE[key] = loaded
-    return _IMAGE_CACHE[key]
+    Calling it with the bare CLIP (not the DDP wrapper) and its tokenizer returns
+    {"zeroshot/demo_heldout/acc1", "zeroshot/demo_heldout/heldout_acc1", "zeroshot/demo_val/acc1"};
+    the prefix differs from the eval jobs' "eval/" so the two never collide in one W&B run. The
+    model's train/eval mode is restored. 256 + 256 images and 192 prompts: 4-6 s for `tiny` on
+    two busy CPU cores, milliseconds on a GPU.
+    """
+
+    def __init__(self, demo_root: str | Path, image_size: int, device: str | torch.device = "cpu",
+                 max_images: int = 256, batch_size: int = 256) -> None:
+        self.corpus = read_corpus(Path(demo_root))
+        self.image_size, self.device = image_size, device
+        self.max_images, self.batch_size = max_images, batch_size
+        self._images: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def images(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._images is None:
+            loaded = {}
+            for split in ("heldout", "val"):
+                label = partial(demo_label, self.corpus.index)
+                data = ShardImages(self.corpus.split(split), self.image_size, label)
+                images, labels = [], []
+                for image, value in data:
+                    images.append(image)
+                    labels.append(value)
+                    if len(images) == self.max_images:
+                        break
+                loaded[split] = (torch.stack(images), torch.tensor(labels))
+            self._images = loaded
+        return self._images
+
+    def __call__(self, model: nn.Module, tokenizer: Tokenizer) -> dict[str, float]:
+        corpus, device = self.corpus, self.device
+        cfg = InferenceConfig(batch_size=self.batch_size, workers=0, precision="fp32",
+                              device=str(device))
+        was_training = model.training
+        model.eval()
+        try:
+            classifier = class_embeddings(model, tokenizer, corpus.classnames, corpus.templates, cfg)
+            out = {}
+            for split, (images, labels) in self.images().items():
+                with torch.no_grad():
+                    features = torch.cat([
+                        model.encode_image(chunk.to(device), normalize=True).float().cpu()
+                        for chunk in images.split(self.batch_size)
+                    ])
+                metrics, _ = demo_metrics(features, labels, classifier, corpus, split == "heldout")
+                out[f"zeroshot/demo_{split}/acc1"] = metrics["acc1"]
+                if split == "heldout":
+                    out["zeroshot/demo_heldout/heldout_acc1"] = metrics["heldout_acc1"]
+            return out
+        finally:
+            model.train(was_training)
 
 
 def zero_shot_during_training(
     model: nn.Module, tokenizer: Tokenizer, demo_root: str | Path, image_size: int,
     device: str | torch.device = "cpu", max_images: int = 256, batch_size: int = 256,
 ) -> dict[str, float]:
-    """Zero-shot accuracy on the demo corpus, for the trainer's metrics (rank 0 only; pass the
-    bare CLIP, not the DDP wrapper). 256 + 256 images and 192 prompts: 4-6 s for `tiny` on two
-    busy CPU cores (decoding happens on the first call only), milliseconds on a GPU.
-
-    Returns {"zeroshot/demo_heldout/acc1", "zeroshot/demo_heldout/heldout_acc1",
-    "zeroshot/demo_val/acc1"}; the prefix differs from the eval jobs' "eval/" so the two never
-    collide in one W&B run. The model's train/eval mode is restored.
-    """
-    corpus = read_corpus(Path(demo_root))
-    cfg = InferenceConfig(batch_size=batch_size, workers=0, precision="fp32", device=str(device))
-    was_training = model.training
-    model.eval()
-    try:
-        classifier = class_embeddings(model, tokenizer, corpus.classnames, corpus.templates, cfg)
-        out = {}
-        for split, (images, labels) in _cached_images(corpus, image_size, max_images).items():
-            with torch.no_grad():
-                features = torch.cat([
-                    model.encode_image(chunk.to(device), normalize=True).float().cpu()
-                    for chunk in images.split(batch_size)
-                ])
-            metrics, _ = demo_metrics(features, labels, classifier, corpus, split == "heldout")
-            out[f"zeroshot/demo_{split}/acc1"] = metrics["acc1"]
-            if split == "heldout":
-                out["zeroshot/demo_heldout/heldout_acc1"] = metrics["heldout_acc1"]
-        return out
-    finally:
-        model.train(was_training)
+    """One `DemoZeroShot` call (decoding the images afresh)."""
+    return DemoZeroShot(demo_root, image_size, device, max_images, batch_size)(model, tokenizer)

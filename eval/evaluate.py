@@ -19,7 +19,7 @@ from eval.results import (
 )
 from eval.suites import SUITES, EvalContext
 from eval.wandb_log import WandbSink
-from training.trained_model import TrainedModel, load_trained_model
+from training.model.trained import TrainedModel, load_trained_model
 
 
 def default_out_dir(checkpoint: Path) -> Path:

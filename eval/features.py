@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from eval.config import InferenceConfig
 from training.model import CLIP
-from training.precision import Precision
-from training.tokenizer import Tokenizer
+from training.parallel.precision import Precision
+from training.text.tokenizer import Tokenizer
 
 
 def autocast(cfg: InferenceConfig):

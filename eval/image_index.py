@@ -21,9 +21,8 @@ from PIL import Image
 from eval.config import InferenceConfig
 from eval.features import encode_images
 from eval.shard_images import ShardImages, key_and_caption, shard_urls
-from training.sample_decode import SkipSample, decode_image
-from training.shard_stream import read_shard
-from training.trained_model import TrainedModel
+from data_pipeline.shard_format import BadSample, decode_image, read_shard
+from training.model.trained import TrainedModel
 
 CACHE_FORMAT = 1
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipstream" / "search"
@@ -100,7 +99,7 @@ def fetch_images(index: ImageIndex, positions: Sequence[int]) -> dict[int, Image
                 continue
             try:
                 found[position] = decode_image(raw)
-            except SkipSample:
+            except BadSample:
                 continue
             if len(found) == len(positions):
                 return found

@@ -27,7 +27,7 @@ from eval.datasets import ClassificationSet
 from eval.features import encode_images
 from eval.metrics import classification_metrics
 from eval.results import EvalResult
-from training.trained_model import TrainedModel
+from training.model.trained import TrainedModel
 
 TASK = "linear_probe"
 

@@ -27,8 +27,9 @@ from eval.datasets import FileImages
 from eval.features import encode_images, encode_texts
 from eval.metrics import retrieval_chance, retrieval_metrics
 from eval.results import EvalResult
-from eval.shard_images import ShardImages, captions, shard_urls
-from training.trained_model import TrainedModel
+from data_pipeline.shard_format import captions
+from eval.shard_images import ShardImages, shard_urls
+from training.model.trained import TrainedModel
 
 TASK = "zeroshot_retrieval"
 CSV_COLUMNS = ("image", "caption")

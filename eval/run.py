@@ -32,7 +32,7 @@ from eval.watch import WatchConfig, WatchLock, watch
 from training.interop.import_checkpoint import (
     check_model_name, import_pretrained, load_clip_tokenizer,
 )
-from training.trained_model import TrainedModel, load_trained_model, resolve_checkpoint
+from training.model.trained import TrainedModel, load_trained_model, resolve_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

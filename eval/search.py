@@ -24,8 +24,8 @@ from eval.features import encode_texts
 from eval.image_index import DEFAULT_CACHE, fetch_images, load_or_build_index
 from eval.plots import plot_search_grid
 from eval.shard_images import shard_urls
-from training.trained_model import TrainedModel, load_trained_model, resolve_checkpoint
-from training.transforms import build_eval_transform
+from training.model.trained import TrainedModel, load_trained_model, resolve_checkpoint
+from training.data.transforms import build_eval_transform
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,14 +4,14 @@ What travels with each image is up to the caller: `payload(raw sample) -> value`
 leave the sample out (e.g. no label). The payload function must be picklable (a module-level
 function or a functools.partial of one), because dataloader workers receive it.
 
-Unlike training's EvalStream this needs no caption: ImageNet shards carry only .cls labels.
-Undecodable samples are skipped and counted in a warning, never fatal; a shard that cannot be
-read at all is an error (a wrong path or a broken download should not shrink a test set quietly).
+Unlike the train loader this needs no caption: ImageNet shards carry only .cls labels. Shards
+are read and samples judged by `data_pipeline.shard_format`, as everywhere. Undecodable samples
+are skipped and counted in a warning, never fatal; a shard that cannot be read at all is an error
+(a wrong path or a broken download should not shrink a test set quietly).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Callable, Iterator
 
@@ -19,13 +19,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.errors import UserError
-from training.sample_decode import SkipSample, decode_image
-from training.shard_stream import expand_sources, read_shard
-from training.transforms import build_eval_transform
+from data_pipeline.shard_format import BadSample, RawSample, captions, decode_image, read_shard
+from training.data.sources import expand_sources
+from training.data.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
 
-RawSample = dict[str, Any]
 Payload = Callable[[RawSample], Any]
 
 
@@ -61,7 +60,7 @@ class ShardImages(IterableDataset):
                     continue
                 try:
                     image = decode_image(raw)
-                except SkipSample as skip:
+                except BadSample as skip:
                     skipped += 1
                     logger.warning("skipping %s in %s: %s", raw.get("__key__"), url, skip)
                     continue
@@ -71,37 +70,6 @@ class ShardImages(IterableDataset):
 
 
 # -- payloads ------------------------------------------------------------------------------------
-
-
-def read_json_member(raw: RawSample) -> dict[str, Any]:
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def class_label(raw: RawSample) -> int | None:
-    """The integer of a `.cls` member (webdataset's classification convention)."""
-    data = raw.get("cls")
-    if data is None:
-        return None
-    try:
-        return int(data.decode("utf-8").strip())
-    except ValueError:
-        return None
-
-
-def captions(raw: RawSample) -> list[str] | None:
-    """Every caption of an image: a `captions` list in its .json if present, else one per
-    non-empty line of its .txt (Flickr30k/COCO shards hold five per image)."""
-    listed = read_json_member(raw).get("captions")
-    if isinstance(listed, list) and listed:
-        found = [str(c).strip() for c in listed if str(c).strip()]
-    else:
-        text = raw.get("txt", b"").decode("utf-8", errors="replace")
-        found = [line.strip() for line in text.splitlines() if line.strip()]
-    return found or None
 
 
 def key_and_caption(raw: RawSample) -> tuple[str, str, str]:

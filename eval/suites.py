@@ -33,7 +33,7 @@ from eval.results import EvalResult
 from eval.retrieval import load_retrieval_csv, load_retrieval_shards, zeroshot_retrieval
 from eval.shard_images import shard_urls
 from eval.zeroshot import zeroshot_classification
-from training.trained_model import TrainedModel
+from training.model.trained import TrainedModel
 
 
 @dataclass

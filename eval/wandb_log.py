@@ -12,13 +12,13 @@ Mode "auto" = online when an API key is configured, offline otherwise (`wandb sy
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from eval.results import EvalResult
+from training.run_log import resolve_wandb_mode
 
 WandbMode = Literal["auto", "online", "offline"]
 
@@ -33,13 +33,6 @@ def checkpoint_wandb_meta(path: Path) -> dict[str, Any]:
         "project": log.get("wandb_project") or "clipstream",
         "entity": log.get("wandb_entity"),
     }
-
-
-def resolve_mode(mode: WandbMode) -> str:
-    if mode != "auto":
-        return mode
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
-    return "online" if has_key else "offline"
 
 
 def wandb_payload(step: int, results: list[EvalResult]) -> dict[str, float]:
@@ -68,7 +61,7 @@ class WandbSink:
             resume="allow" if meta["id"] else None,
             name=None if meta["id"] else f"{self.run_dir.name}-eval",
             dir=str(self.run_dir),
-            mode=resolve_mode(self.mode),
+            mode=resolve_wandb_mode(self.mode),
         )
 
     def log(self, checkpoint: Path, step: int, results: list[EvalResult]) -> None:

@@ -8,7 +8,7 @@
           - no new checkpoint for `max_wait` seconds: stop (a crashed or paused run);
           - else sleep `poll` seconds.
 
-Checkpoints the trainer rotates away (train.keep_checkpoints) before their turn are reported and
+Checkpoints the trainer rotates away (checkpoint.keep) before their turn are reported and
 skipped; raise keep_checkpoints if the watcher falls behind. One watcher per output folder: a
 lock file with the owner's pid refuses a second one (a stale lock from a dead process is taken
 over).
@@ -109,7 +109,7 @@ def watch(
                 evaluate(checkpoint)
             except FileNotFoundError:
                 print(f"{checkpoint.name}: deleted before it could be evaluated (the trainer keeps "
-                      f"only its newest checkpoints; raise train.keep_checkpoints)", flush=True)
+                      f"only its newest checkpoints; raise checkpoint.keep)", flush=True)
                 continue
             evaluated += 1
             last_news = time.monotonic()

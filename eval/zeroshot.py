@@ -18,7 +18,7 @@ from eval.datasets import ClassificationSet
 from eval.features import class_embeddings, encode_images
 from eval.metrics import classification_chance, classification_metrics
 from eval.results import EvalResult
-from training.trained_model import TrainedModel
+from training.model.trained import TrainedModel
 
 TASK = "zeroshot_classification"
 

@@ -2,11 +2,11 @@
 # Train on one node with one process per GPU (or NPROC CPU processes when there is no GPU).
 #
 #   launch/torchrun_single_node.sh --config configs/tiny_demo.toml [section.key=value ...]
-#   NPROC=2 launch/torchrun_single_node.sh --config configs/tiny_demo.toml train.device=cpu
-#   MAX_RESTARTS=3 launch/torchrun_single_node.sh --config X.toml train.resume=latest
+#   NPROC=2 launch/torchrun_single_node.sh --config configs/tiny_demo.toml engine.device=cpu
+#   MAX_RESTARTS=3 launch/torchrun_single_node.sh --config X.toml checkpoint.resume=latest
 #
 # MAX_RESTARTS (default 0): when a rank dies, torchrun stops the others and starts them all again,
-# up to this many times; with train.resume=latest each new round resumes from the newest checkpoint.
+# up to this many times; with checkpoint.resume=latest each new round resumes from the newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -31,7 +31,7 @@ MODEL = "model.name=tiny"
 
 def test_first_loss_matches_the_ddp_engine(corpus, tmp_path):
     # Same seed, same first batch, fp32 everywhere: the engines must agree on the loss.
-    common = ("train.steps=2", "train.precision=fp32", MODEL)
+    common = ("train.steps=2", "engine.precision=fp32", MODEL)
     _ok(torchrun(2, *train_args(corpus, tmp_path / "ddp", *common)))
     _ok(torchrun(2, *train_args(corpus, tmp_path / "ds", *common, "engine.name=deepspeed", "engine.zero_stage=1")))
     ddp, ds = losses(tmp_path / "ddp"), losses(tmp_path / "ds")
@@ -41,14 +41,14 @@ def test_first_loss_matches_the_ddp_engine(corpus, tmp_path):
 
 
 def test_zero2_bf16_run_resumes_from_its_checkpoint(corpus, tmp_path):
-    common = ("train.steps=4", "engine.name=deepspeed", "engine.zero_stage=2", "train.precision=bf16",
+    common = ("train.steps=4", "engine.name=deepspeed", "engine.zero_stage=2", "engine.precision=bf16",
               "model.name=tiny_cnn")
     split, straight = tmp_path / "split", tmp_path / "straight"
     _ok(torchrun(2, *train_args(corpus, split, *common, "train.stop_at_step=2")))
     assert (split / "deepspeed" / "step_00000002").is_dir()
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(split))
     assert state["engine"] == "deepspeed" and state["step"] == 2 and state["world_size"] == 2
-    result = torchrun(2, *train_args(corpus, split, *common, "train.resume=latest"))
+    result = torchrun(2, *train_args(corpus, split, *common, "checkpoint.resume=latest"))
     _ok(result)
     assert "resumed from" in result.stdout
     assert (split / "finished.json").is_file()

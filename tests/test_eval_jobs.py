@@ -27,8 +27,8 @@ from eval.datasets import load_prompts
 from eval.demo import evaluate_demo, zero_shot_during_training
 from eval.watch import FINISHED_MARKER
 from test_eval_datasets import write_fake_cifar10, write_fake_cifar100
-from training.trained_model import load_trained_model
-from training.transforms import build_eval_transform
+from training.model.trained import load_trained_model
+from training.data.transforms import build_eval_transform
 
 STEPS = (2, 4, 6)
 
@@ -47,12 +47,12 @@ def one_torch_thread():
 def trained_run(demo_shards, tmp_path_factory, run_cli) -> Path:
     work = tmp_path_factory.mktemp("eval_trained")
     tokenizer = work / "tokenizer.json"
-    result = run_cli("training.tokenizer", "--shards", str(demo_shards / "train"), "--out", str(tokenizer))
+    result = run_cli("training.text.tokenizer", "--shards", str(demo_shards / "train"), "--out", str(tokenizer))
     assert result.returncode == 0, result.stderr
     result = run_cli(
         "training.main", "--config", "configs/tiny_demo.toml",
         f"data.train_shards={demo_shards / 'train'}", "data.image_size=32", "data.batch_size=32",
-        "data.workers=0", "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+        "data.workers=0", "train.steps=6", "checkpoint.every=2", "checkpoint.keep=10",
         f"train.run_dir={work / 'run'}", "log.progress_bar=false", f"tokenizer={tokenizer}",
     )
     assert result.returncode == 0, result.stdout + result.stderr

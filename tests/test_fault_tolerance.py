@@ -60,7 +60,7 @@ def test_rank_killed_with_sigkill_restarts_and_resumes_from_the_last_checkpoint(
     corpus = writable_corpus(demo_shards, tmp_path_factory)
     run_dir = tmp_path / "run"
     env = dict(subprocess_env(), NPROC="2", MAX_RESTARTS="1", PY=sys.executable)
-    args = train_args(corpus, run_dir, "train.steps=12", "train.checkpoint_every=4", "train.resume=latest")
+    args = train_args(corpus, run_dir, "train.steps=12", "checkpoint.every=4", "checkpoint.resume=latest")
     log = (tmp_path / "torchrun.log").open("w")
     agent = subprocess.Popen(
         ["bash", "launch/torchrun_single_node.sh", *args],

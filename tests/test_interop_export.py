@@ -23,8 +23,8 @@ from training.interop.export_checkpoint import export_openclip
 from training.interop.import_checkpoint import import_pretrained
 from training.interop.openclip_layout import to_openclip_state_dict
 from training.model import MODEL_CONFIGS, build_model, with_tokenizer
-from training.tokenizer import Tokenizer, train_tokenizer
-from training.trained_model import load_trained_model
+from training.text.tokenizer import Tokenizer, train_tokenizer
+from training.model.trained import load_trained_model
 
 from test_interop_layout import CLIP_BPE
 

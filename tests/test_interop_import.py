@@ -20,7 +20,7 @@ from data_pipeline.errors import UserError
 from training.interop.import_checkpoint import check_layout, import_pretrained, read_state_dict
 from training.interop.openclip_layout import to_openclip_state_dict
 from training.model import MAX_LOGIT_SCALE
-from training.tokenizer import Tokenizer
+from training.text.tokenizer import Tokenizer
 
 from test_interop_layout import CLIP_BPE, openclip_reference
 

@@ -19,7 +19,7 @@ from PIL import Image
 from training.interop.import_checkpoint import openclip_shapes
 from training.interop.openclip_layout import ARCHITECTURES, architecture_of, openclip_model_config
 from training.model import MODEL_CONFIGS
-from training.transforms import build_eval_transform
+from training.data.transforms import build_eval_transform
 
 # OpenAI's bpe_simple_vocab_16e6.txt.gz, as bundled with open_clip: the "user-given" BPE file.
 CLIP_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"

@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import gather_features_with_grad, mean_over_ranks, world_info
+from training.parallel.collectives import gather_features_with_grad, sum_over_ranks, world_info
+from training.parallel.process_group import Distributed
 from training.losses import (
     LOSS_NAMES,
     ClipLoss,
@@ -152,7 +153,8 @@ def test_single_process_helpers_are_identity():
     assert world_info() == (0, 1)
     x = torch.randn(3, 4)
     assert gather_features_with_grad(x) is x
-    torch.testing.assert_close(mean_over_ranks(x), x)
+    single = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    torch.testing.assert_close(sum_over_ranks(x.clone(), single), x)
 
 
 # -- distributed == single process --------------------------------------------------------------
@@ -218,7 +220,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results = {}
         for name in LOSS_NAMES:
             results[name] = _run_step(name, image[shard], text[shard])
-            results[name]["logged"] = mean_over_ranks(results[name]["loss"])
+            # What the trainer logs: the sum of the ranks' losses over the world size.
+            env = Distributed(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+            results[name]["logged"] = sum_over_ranks(results[name]["loss"].clone(), env) / world
             ddp = nn.parallel.DistributedDataParallel(_PairEncoder())
             results[name]["ddp"] = {
                 n.removeprefix("module."): g

@@ -44,7 +44,7 @@ def corpus(demo_shards, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slurm_corpus") / "corpus"
     shutil.copytree(demo_shards, root)
     result = subprocess.run(
-        [sys.executable, "-m", "training.tokenizer", "--shards", str(root / "train"),
+        [sys.executable, "-m", "training.text.tokenizer", "--shards", str(root / "train"),
          "--out", str(root / "tokenizer.json")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -66,7 +66,7 @@ def _submit_training(slurm: LocalSlurm, corpus: Path, run_dir: Path, log: Path, 
         f"data.train_shards={corpus / 'train'}",
         "data.image_size=32", "data.batch_size=16", f"data.workers={workers}",
         "data.sample_shuffle_buffer=64", "optim.warmup_steps=2",
-        f"train.run_dir={run_dir}", "train.device=cpu", "train.checkpoint_every=0",
+        f"train.run_dir={run_dir}", "engine.device=cpu", "checkpoint.every=0",
         "log.every=1", "log.progress_bar=false",
         *extra,
         env=env, cwd=REPO_ROOT,

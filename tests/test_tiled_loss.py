@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from training.config_loading import ConfigError, from_dict, load_tree
 from training.losses import ClipLoss, LossConfig, SigLipLoss, build_loss
-from training.tiled_loss import TiledClipLoss, _RingClipCrossEntropy
-from training.tiled_siglip_loss import TiledSigLipLoss, _RingSigmoidLoss
+from training.losses.tiled_clip import TiledClipLoss, _RingClipCrossEntropy
+from training.losses.tiled_siglip import TiledSigLipLoss, _RingSigmoidLoss
 
 BATCH_PER_RANK = 5
 DIM = 8

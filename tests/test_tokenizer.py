@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.tokenizer import Tokenizer, main, pad_batch, train_tokenizer
+from training.text.tokenizer import Tokenizer, main, pad_batch, train_tokenizer
 
 CAPTIONS = [
     "A red circle on a blue background",

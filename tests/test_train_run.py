@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from training import checkpoint as ckpt
-from training.trained_model import load_trained_model
+from training.model.trained import load_trained_model
 
 from trainer_cli import torchrun, writable_corpus, losses as _losses, run as _run, train_args as _train_args
 
@@ -27,7 +27,7 @@ def test_short_run_lowers_the_loss_clearly(corpus, tmp_path):
     run_dir = tmp_path / "run"
     result = _run("training.main", *_train_args(
         corpus, run_dir, "train.steps=60", "optim.lr=2e-3", "optim.warmup_steps=10",
-        "train.zeroshot_every=30", f"train.zeroshot_demo={corpus}",
+        "zeroshot.every=30", f"zeroshot.demo={corpus}",
     ))
     assert result.returncode == 0, result.stderr[-3000:]
     losses = _losses(run_dir)
@@ -54,7 +54,7 @@ def test_resumed_run_repeats_the_uninterrupted_loss_sequence(corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (split / "finished.json").exists()
     assert [p.name for p in ckpt.list_checkpoints(split)] == ["step_00000003.pt"]
-    result = _run("training.main", *_train_args(corpus, split, *common, "train.resume=latest"))
+    result = _run("training.main", *_train_args(corpus, split, *common, "checkpoint.resume=latest"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     expected, resumed = _losses(straight), _losses(split)
@@ -84,7 +84,7 @@ def test_existing_run_is_never_overwritten(corpus, tmp_path):
     before = ckpt.latest_checkpoint(run_dir).read_bytes()
     result = _run("training.main", *_train_args(corpus, run_dir, "train.steps=1"))
     assert result.returncode == 2
-    assert "train.resume=latest" in result.stderr and "Traceback" not in result.stderr
+    assert "checkpoint.resume=latest" in result.stderr and "Traceback" not in result.stderr
     assert ckpt.latest_checkpoint(run_dir).read_bytes() == before
 
 

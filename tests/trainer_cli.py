@@ -16,7 +16,7 @@ def writable_corpus(demo_shards: Path, tmp_path_factory) -> Path:
     """A copy of the session's demo corpus with a tokenizer trained on its captions."""
     root = tmp_path_factory.mktemp("train_corpus") / "corpus"
     shutil.copytree(demo_shards, root)
-    result = run("training.tokenizer", "--shards", str(root / "train"), "--out", str(root / "tokenizer.json"))
+    result = run("training.text.tokenizer", "--shards", str(root / "train"), "--out", str(root / "tokenizer.json"))
     assert result.returncode == 0, result.stderr
     return root
 
@@ -52,7 +52,7 @@ def train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
         "data.sample_shuffle_buffer=64",
         "optim.warmup_steps=2",
         f"train.run_dir={run_dir}",
-        "train.checkpoint_every=0",
+        "checkpoint.every=0",
         "log.every=1",
         "log.progress_bar=false",
         *extra,

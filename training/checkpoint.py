@@ -14,7 +14,7 @@ data only):
     rng             list over ranks of {"torch", "numpy", "python"} generator states
     data            list over ranks of the train loader's resume state
     config          the run's full config as plain data; config["model_config"] is the fitted
-                    ClipModelConfig (training.trained_model rebuilds the model from it)
+                    ClipModelConfig (training.model.trained rebuilds the model from it)
     tokenizer       the tokenizer as its JSON string (checkpoints are self-contained)
     world_size      ranks that wrote it (rng and data hold one entry per rank)
     wandb_run_id    so a resumed run continues the same W&B run (or None)

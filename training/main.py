@@ -12,23 +12,27 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from torch import nn
+
 from data_pipeline.errors import UserError
+from eval.demo import DemoZeroShot
 from training import checkpoint as ckpt
 from training.config_loading import ConfigError, to_dict
 from training.data import DataError, build_train_loader
-from training.engines import build_engine
-from training.process_group import setup_distributed, teardown_distributed
+from training.data.sources import SOURCE_SEPARATOR
 from training.losses import build_loss
 from training.model import build_model
 from training.model.configs import MODEL_CONFIGS, ClipModelConfig, for_siglip, with_tokenizer
 from training.optim import build_optimizer
-from training.precision import Precision
-from training.run_config import RunConfig, load_run_config
+from training.parallel.engines import build_engine
+from training.parallel.process_group import setup_distributed, teardown_distributed
+from training.run_config import CheckpointConfig, RunConfig, load_run_config
 from training.run_log import RunLog
-from training.tokenizer import Tokenizer
+from training.text.tokenizer import Tokenizer
 from training.train import (
     NonFiniteLossError,
     Progress,
@@ -70,45 +74,57 @@ def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ClipModelConfig:
     return model_cfg
 
 
-def run(cfg: RunConfig) -> Progress:
-    env = setup_distributed(cfg.train.device)
+def resolve_resume(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start. A run folder that
+    already holds checkpoints is never trained over without checkpoint.resume."""
+    if cfg.resume == "latest":
+        return ckpt.latest_checkpoint(run_dir)  # none yet: a fresh start, by design
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise UserError(f"checkpoint.resume: no checkpoint at {path}")
+        return path
+    if ckpt.latest_checkpoint(run_dir) is not None:
+        raise UserError(
+            f"{run_dir} already holds checkpoints; pass checkpoint.resume=latest to continue it "
+            f"or choose another train.run_dir (nothing is overwritten)"
+        )
+    return None
+
+
+def load_tokenizer(cfg: RunConfig) -> Tokenizer:
+    path = cfg.tokenizer_path()
+    if not path.is_file():
+        first_source = cfg.data.train_shards.split(SOURCE_SEPARATOR)[0]
+        raise UserError(
+            f"no tokenizer at {path}; train one with `python -m training.text.tokenizer "
+            f"--shards {Path(first_source)}` or set tokenizer=PATH"
+        )
+    return Tokenizer.from_file(path)
+
+
+ZeroShotHook = Callable[[nn.Module, Tokenizer], dict[str, float]]
+# Builds the in-training zero-shot check from (demo root, image size, device); the entry point
+# passes eval's, so the training package never imports the eval stage.
+MakeZeroShot = Callable[[str, int, torch.device], ZeroShotHook]
+
+
+def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
+    env = setup_distributed(cfg.engine.device)
     try:
         torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seed: different patch dropout etc.
-        tok_path = cfg.tokenizer_path()
-        if not tok_path.is_file():
-            raise UserError(
-                f"no tokenizer at {tok_path}; train one with `python -m training.tokenizer "
-                f"--shards {Path(cfg.data.train_shards.split('::')[0])}` or set tokenizer=PATH"
-            )
-        tokenizer = Tokenizer.from_file(tok_path)
+        tokenizer = load_tokenizer(cfg)
         model_cfg = build_model_config(cfg, tokenizer)
         model = build_model(model_cfg)
-        attention = cfg.train.attention
-        model.set_fused_attention(
-            attention == "fused" or (attention == "auto" and env.device.type == "cuda")
-        )
-        precision = Precision(cfg.train.precision, "cuda" if env.device.type == "cuda" else "cpu")
         optimizer = build_optimizer(model, cfg.optim)
         run_dir = Path(cfg.train.run_dir)
         config_dict = {**to_dict(cfg), "model_config": to_dict(model_cfg)}
-
-        resume_from = None
-        if cfg.train.resume == "latest":
-            resume_from = ckpt.latest_checkpoint(run_dir)  # none yet: a fresh start, by design
-        elif cfg.train.resume:
-            resume_from = Path(cfg.train.resume)
-            if not resume_from.is_file():
-                raise UserError(f"train.resume: no checkpoint at {resume_from}")
-        elif ckpt.latest_checkpoint(run_dir) is not None:
-            raise UserError(
-                f"{run_dir} already holds checkpoints; pass train.resume=latest to continue it "
-                f"or choose another train.run_dir (nothing is overwritten)"
-            )
+        resume_from = resolve_resume(cfg.checkpoint, run_dir)
 
         global_batch = cfg.data.batch_size * env.world_size * cfg.train.accum_steps
         engine = build_engine(
-            cfg.engine, model, optimizer, precision, env, cfg.optim.grad_clip, cfg.train.compile,
-            cfg.data.batch_size, cfg.train.accum_steps,
+            cfg.engine, model, optimizer, env, grad_clip=cfg.optim.grad_clip,
+            micro_batch=cfg.data.batch_size, accum_steps=cfg.train.accum_steps,
         )
         progress, data_state, wandb_id = Progress(), None, None
         messages = _Messages(env.is_main)
@@ -121,7 +137,10 @@ def run(cfg: RunConfig) -> Progress:
             cfg.data, tokenizer.encode, tokenizer.pad_id, env.rank, env.world_size, data_state
         )
         total_steps = total_steps_for(cfg.train, loader.steps_per_epoch(global_batch))
-        loss_fn = build_loss(cfg.loss)
+        evaluate = None
+        if cfg.zeroshot.every and make_zero_shot is not None:
+            hook = make_zero_shot(cfg.zeroshot.demo, cfg.data.image_size, env.device)
+            evaluate = lambda: hook(engine.module, tokenizer)  # noqa: E731 - bound to this run
         log = RunLog(cfg.log, run_dir, total_steps, progress.step, config_dict, env.is_main, wandb_id)
         try:
             if env.is_main:
@@ -129,14 +148,16 @@ def run(cfg: RunConfig) -> Progress:
                 log.message(
                     f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters; "
                     f"{env.world_size} rank(s) on {env.device}; global batch {global_batch}; "
-                    f"{total_steps} steps; precision {cfg.train.precision}; engine {cfg.engine.name}"
+                    f"{total_steps} steps; precision {cfg.engine.precision}; "
+                    f"engine {cfg.engine.name}"
                 )
             return train(
                 engine=engine,
-                loss_fn=loss_fn,
+                loss_fn=build_loss(cfg.loss),
                 loader=loader,
                 env=env,
                 train_cfg=cfg.train,
+                checkpoint_cfg=cfg.checkpoint,
                 optim_cfg=cfg.optim,
                 log=log,
                 log_every=cfg.log.every,
@@ -145,28 +166,13 @@ def run(cfg: RunConfig) -> Progress:
                 config=config_dict,
                 global_batch=global_batch,
                 tokenizer_json=tokenizer.to_json(),
-                evaluate=_demo_zero_shot(cfg, engine, tokenizer, env),
+                evaluate=evaluate,
+                evaluate_every=cfg.zeroshot.every,
             )
         finally:
             log.close()
     finally:
         teardown_distributed()
-
-
-def _demo_zero_shot(cfg: RunConfig, engine, tokenizer: Tokenizer, env):
-    """The optional in-training check (train.zeroshot_every), run on rank 0 only."""
-    if not cfg.train.zeroshot_every:
-        return None
-    if cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3:
-        raise UserError("train.zeroshot_every needs the whole model on rank 0; not with ZeRO-3")
-    from eval.demo import zero_shot_during_training
-
-    def evaluate() -> dict[str, float]:
-        return zero_shot_during_training(
-            engine.module, tokenizer, cfg.train.zeroshot_demo, cfg.data.image_size, device=env.device
-        )
-
-    return evaluate
 
 
 class _Messages:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
-        run(cfg)
+        run(cfg, make_zero_shot=DemoZeroShot)
     except (UserError, ConfigError, DataError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,11 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [r for r in records if "loss" in r]  # in-training eval records carry no loss
 
 
+def _precision(config: dict) -> str:
+    # Runs saved before [engine] held the precision kept it in [train].
+    return (config.get("engine") or {}).get("precision") or config["train"]["precision"]
+
+
 def build_rows(run_dir: Path, shards: Path | None) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if shards is not None:
@@ -66,7 +71,7 @@ def build_rows(run_dir: Path, shards: Path | None) -> list[tuple[str, str]]:
     speeds = [r["samples_per_s"] for r in records[1:]] or [first["samples_per_s"]]
     rows += [
         ("model", f"{config['model']['name']}: {params / 1e6:.2f}M parameters, "
-                  f"{config['train']['precision']} on {state.get('world_size', 1)} rank(s)"),
+                  f"{_precision(config)} on {state.get('world_size', 1)} rank(s)"),
         ("training", f"{state['step']} steps x batch {batch} = {state['metrics']['samples_seen']:,} "
                      f"samples, {sum(speeds) / len(speeds):.0f} samples/s"),
         ("contrastive loss", f"{first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at "

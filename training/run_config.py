@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from training.config_loading import from_dict, load_tree
+from training.config_loading import ConfigError, from_dict, load_tree
 from training.data import DataConfig
-from training.engines import EngineConfig
+from training.data.sources import SOURCE_SEPARATOR
+from training.parallel.engines import EngineConfig
 from training.losses import LossConfig
 from training.optim import OptimConfig
-from training.precision import PrecisionName
 from training.run_log import LogConfig
 
 
@@ -43,29 +42,17 @@ class ModelChoice:
 
 @dataclass
 class TrainConfig:
+    """The schedule and the loop: how long, in which steps, when to give up."""
+
     run_dir: str = "runs/default"
     steps: int = 0  # optimizer steps; 0 means epochs x steps per epoch
     epochs: float = 1.0
     accum_steps: int = 1  # micro-batches per optimizer step (each is its own contrastive batch)
-    precision: PrecisionName = "bf16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    # "fused": scaled_dot_product_attention's flash/memory-efficient kernels; "math": plain
-    # matmul + softmax. "auto": fused on GPUs, math on CPUs, where the fused kernel measured
-    # ~15% slower per ViT-S/32 step at CLIP's 50 image / ~14 text tokens.
-    attention: Literal["auto", "fused", "math"] = "auto"
     seed: int = 0
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int = 3
-    resume: str | None = None  # "latest" or a checkpoint path
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     # Stop (with a checkpoint) once this step is reached, leaving the schedule as if the run went
     # on: for clusters that hand out fixed time slices, and for resume tests. 0 = run to the end.
     stop_at_step: int = 0
-    # In-training zero-shot check on the demo corpus (eval.demo), rank 0 only, every N steps;
-    # the other ranks wait at the next step's collective, far inside its timeout. 0 = off.
-    zeroshot_every: int = 0
-    zeroshot_demo: str = ""  # demo corpus root (with corpus.json, val/, heldout/)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -74,12 +61,36 @@ class TrainConfig:
             raise ValueError("set train.steps or a positive train.epochs")
         if self.accum_steps < 1:
             raise ValueError("train.accum_steps must be >= 1")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
         if self.max_nonfinite_steps < 1:
             raise ValueError("train.max_nonfinite_steps must be >= 1")
-        if self.zeroshot_every and not self.zeroshot_demo:
-            raise ValueError("train.zeroshot_every needs train.zeroshot_demo=DEMO_ROOT")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, and where a run resumes from."""
+
+    every: int = 0  # steps; 0 = only at the end (and on a stop signal)
+    keep: int = 3
+    resume: str | None = None  # "latest" or a checkpoint path
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+@dataclass
+class ZeroShotConfig:
+    """The optional in-training zero-shot check on the demo corpus (eval.demo), rank 0 only,
+    every N steps; the other ranks wait at the next step's collective, far inside its timeout."""
+
+    every: int = 0  # steps; 0 = off
+    demo: str = ""  # demo corpus root (with corpus.json, val/, heldout/)
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError("zeroshot.every must be >= 0")
+        if self.every and not self.demo:
+            raise ValueError("zeroshot.every needs zeroshot.demo=DEMO_ROOT")
 
 
 @dataclass
@@ -90,13 +101,19 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.zeroshot.every and self.engine.name == "deepspeed" and self.engine.zero_stage == 3:
+            raise ValueError("zeroshot.every needs the whole model on rank 0; not with ZeRO-3")
 
     def tokenizer_path(self) -> Path:
         if self.tokenizer:
             return Path(self.tokenizer)
-        first_source = self.data.train_shards.split("::")[0]
+        first_source = self.data.train_shards.split(SOURCE_SEPARATOR)[0]
         folder = Path(first_source)
         if not folder.is_dir():
             folder = folder.parent
@@ -107,7 +124,22 @@ class RunConfig:
         return folder / "tokenizer.json"
 
 
+# Keys that lived in [train] before each component got its own section.
+MOVED_KEYS = {
+    "train." + key: new for key, new in {
+        "precision": "engine.precision", "device": "engine.device", "compile": "engine.compile",
+        "attention": "engine.attention", "checkpoint_every": "checkpoint.every",
+        "keep_checkpoints": "checkpoint.keep", "resume": "checkpoint.resume",
+        "zeroshot_every": "zeroshot.every", "zeroshot_demo": "zeroshot.demo",
+    }.items()
+}
+
+
 def load_run_config(config_path: str | None, overrides: list[str]) -> RunConfig:
     tree = load_tree(config_path, overrides)
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if key in tree.get(section, {}):
+            raise ConfigError(f"{old} is now {new} (each component has its own section)")
     tree.setdefault("data", {})
     return from_dict(RunConfig, tree)

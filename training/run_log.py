@@ -32,9 +32,11 @@ class LogConfig:
             raise ValueError(f"log.every must be >= 1, got {self.every}")
 
 
-def _wandb_mode(cfg: LogConfig) -> str:
-    if cfg.wandb_mode != "auto":
-        return cfg.wandb_mode
+def resolve_wandb_mode(mode: str) -> str:
+    """"auto" = online when an API key is configured, offline otherwise (`wandb sync` later);
+    the one decision shared by the trainer and the eval jobs."""
+    if mode != "auto":
+        return mode
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
     return "online" if has_key else "offline"
 
@@ -72,7 +74,7 @@ class RunLog:
                 tags=cfg.tags,
                 config=config,
                 dir=str(run_dir),
-                mode=_wandb_mode(cfg),
+                mode=resolve_wandb_mode(cfg.wandb_mode),
                 id=wandb_run_id,
                 resume="allow" if wandb_run_id else None,
             )

@@ -1,6 +1,6 @@
 """The training loop: `train_step` does one optimizer step, `train` decides when to log,
 checkpoint and stop. Nothing here knows whether DDP or DeepSpeed runs the model, or in which
-dtype: engines.py and precision.py own those decisions."""
+dtype: training.parallel (engines, precision) owns those decisions."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from training import checkpoint as ckpt
-from training.process_group import Distributed, gather_objects, sum_over_ranks
+from training.parallel.collectives import gather_objects, sum_over_ranks
+from training.parallel.process_group import Distributed
 from training.optim import OptimConfig, lr_at, set_lr
-from training.run_config import TrainConfig
+from training.run_config import CheckpointConfig, TrainConfig
 from training.run_log import RunLog
-from training.transforms import normalize_images
+from training.data.transforms import normalize_images
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,7 +66,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """A loader batch on the model's device: images normalised there from uint8, tokens moved."""
     non_blocking = device.type == "cuda"
     return {
         "image": normalize_images(batch["image"], device),  # uint8 from the workers
@@ -117,7 +119,7 @@ def _timed_batches(loader, device) -> Iterator[tuple[dict[str, torch.Tensor], fl
             batch = next(iterator)
         except StopIteration:
             return
-        yield _to_device(batch, device), time.perf_counter() - started
+        yield batch_to_device(batch, device), time.perf_counter() - started
 
 
 def checkpoint_extras(loader, env, progress, config, wandb_id, tokenizer_json) -> dict:
@@ -133,6 +135,72 @@ def checkpoint_extras(loader, env, progress, config, wandb_id, tokenizer_json) -
     }
 
 
+@dataclass
+class MetricsWindow:
+    """Step timings and losses since the last metrics record."""
+
+    data_s: float = 0.0
+    compute_s: float = 0.0
+    steps: int = 0
+    finite: int = 0
+    loss_sum: float = 0.0
+
+    def add(self, result: StepResult, data_s: float, compute_s: float) -> None:
+        self.data_s += data_s
+        self.compute_s += compute_s
+        self.steps += 1
+        if result.finite:
+            self.finite += 1
+            self.loss_sum += result.loss
+
+    def record(self, *, result: StepResult, lr: float, logit_scale: float, global_batch: int,
+               world_size: int, progress: Progress, skipped_samples: int,
+               steps_per_epoch: int) -> dict[str, float]:
+        """One line of metrics.jsonl (and W&B)."""
+        elapsed = self.data_s + self.compute_s
+        return {
+            "loss": self.loss_sum / self.finite if self.finite else float("nan"),
+            "last_loss": result.loss,
+            "lr": lr,
+            "logit_scale": logit_scale,
+            "grad_norm": result.grad_norm,
+            "samples_per_s": global_batch * self.steps / elapsed,
+            "samples_per_s_per_rank": global_batch // world_size * self.steps / elapsed,
+            "data_wait_frac": self.data_s / elapsed,
+            "data_s_per_step": self.data_s / self.steps,
+            "compute_s_per_step": self.compute_s / self.steps,
+            "skipped_samples": float(skipped_samples),
+            "skipped_steps": float(progress.skipped_steps),
+            "samples_seen": float(progress.samples_seen),
+            "epoch": progress.step / max(1, steps_per_epoch),
+        }
+
+
+def count_step(progress: Progress, result: StepResult, global_batch: int, max_nonfinite: int,
+               log: RunLog) -> None:
+    """Advance the counters; a non-finite step is counted as skipped, and too many in a row end
+    the run (NonFiniteLossError) rather than training on from diverged weights."""
+    progress.step += 1
+    progress.samples_seen += global_batch
+    if result.finite:
+        progress.nonfinite_in_row = 0
+        return
+    progress.skipped_steps += 1
+    progress.nonfinite_in_row += 1
+    log.message(f"step {progress.step}: non-finite loss, update skipped")
+    if progress.nonfinite_in_row >= max_nonfinite:
+        raise NonFiniteLossError(
+            f"{progress.nonfinite_in_row} non-finite losses in a row at step {progress.step}: "
+            f"the run diverged; lower optim.lr, raise optim.warmup_steps or use "
+            f"engine.precision=fp32"
+        )
+
+
+def periodic_checkpoint_due(step: int, total_steps: int, every: int) -> bool:
+    """A checkpoint on the way is due every `every` steps; the last step saves on the way out."""
+    return bool(every) and step % every == 0 and step < total_steps
+
+
 def train(
     *,
     engine,
@@ -140,6 +208,7 @@ def train(
     loader,
     env: Distributed,
     train_cfg: TrainConfig,
+    checkpoint_cfg: CheckpointConfig,
     optim_cfg: OptimConfig,
     log: RunLog,
     log_every: int,
@@ -149,16 +218,17 @@ def train(
     global_batch: int,
     tokenizer_json: str,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    evaluate_every: int = 0,
 ) -> Progress:
     """Run optimizer steps until `total_steps` or a stop signal; checkpoint on the way out."""
     run_dir = Path(train_cfg.run_dir)
     stop = StopSignal()
     batches = _timed_batches(loader, env.device)
-    window = {"data_s": 0.0, "compute_s": 0.0, "steps": 0, "finite": 0, "loss": 0.0}
+    window = MetricsWindow()
 
     def save() -> None:
         extras = checkpoint_extras(loader, env, progress, config, log.wandb_run_id, tokenizer_json)
-        path = engine.save(run_dir, progress.step, extras, train_cfg.keep_checkpoints)
+        path = engine.save(run_dir, progress.step, extras, checkpoint_cfg.keep)
         if path is not None:
             log.message(f"checkpoint: {path}")
 
@@ -179,64 +249,28 @@ def train(
                 data_s += waited
             started = time.perf_counter()
             result = train_step(engine, micro, loss_fn, env, stop)
-            compute_s = time.perf_counter() - started
-
-            progress.step += 1
-            progress.samples_seen += global_batch
-            if result.finite:
-                progress.nonfinite_in_row = 0
-                window["loss"] += result.loss
-                window["finite"] += 1
-            else:
-                progress.skipped_steps += 1
-                progress.nonfinite_in_row += 1
-                log.message(f"step {progress.step}: non-finite loss, update skipped")
-                if progress.nonfinite_in_row >= train_cfg.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{progress.nonfinite_in_row} non-finite losses in a row at step "
-                        f"{progress.step}: the run diverged; lower optim.lr, raise "
-                        f"optim.warmup_steps or use train.precision=fp32"
-                    )
-            window["data_s"] += data_s
-            window["compute_s"] += compute_s
-            window["steps"] += 1
+            window.add(result, data_s, time.perf_counter() - started)
+            count_step(progress, result, global_batch, train_cfg.max_nonfinite_steps, log)
             log.advance()
 
             if progress.step % log_every == 0 or progress.step == total_steps:
-                elapsed = window["data_s"] + window["compute_s"]
-                local_batch = global_batch // env.world_size
                 scale = engine.module.logit_scale.float().exp().clamp(max=100).item()
-                log.log(
-                    progress.step,
-                    {
-                        "loss": window["loss"] / window["finite"] if window["finite"] else float("nan"),
-                        "last_loss": result.loss,
-                        "lr": lr,
-                        "logit_scale": scale,
-                        "grad_norm": result.grad_norm,
-                        "samples_per_s": global_batch * window["steps"] / elapsed,
-                        "samples_per_s_per_rank": local_batch * window["steps"] / elapsed,
-                        "data_wait_frac": window["data_s"] / elapsed,
-                        "data_s_per_step": window["data_s"] / window["steps"],
-                        "compute_s_per_step": window["compute_s"] / window["steps"],
-                        "skipped_samples": float(loader.skipped_samples),
-                        "skipped_steps": float(progress.skipped_steps),
-                        "samples_seen": float(progress.samples_seen),
-                        "epoch": progress.step / max(1, loader.steps_per_epoch(global_batch)),
-                    },
-                )
-                window = {"data_s": 0.0, "compute_s": 0.0, "steps": 0, "finite": 0, "loss": 0.0}
+                log.log(progress.step, window.record(
+                    result=result, lr=lr, logit_scale=scale, global_batch=global_batch,
+                    world_size=env.world_size, progress=progress,
+                    skipped_samples=loader.skipped_samples,
+                    steps_per_epoch=loader.steps_per_epoch(global_batch),
+                ))
+                window = MetricsWindow()
 
-            if evaluate and train_cfg.zeroshot_every and progress.step % train_cfg.zeroshot_every == 0:
-                if env.is_main:
-                    log.log(progress.step, evaluate())
+            if evaluate and evaluate_every and progress.step % evaluate_every == 0 and env.is_main:
+                log.log(progress.step, evaluate())
 
             if result.stop_requested:
                 log.message(f"stop signal received: checkpointing at step {progress.step}")
                 break
-            if train_cfg.checkpoint_every and progress.step % train_cfg.checkpoint_every == 0:
-                if progress.step < total_steps:
-                    save()
+            if periodic_checkpoint_due(progress.step, total_steps, checkpoint_cfg.every):
+                save()
         if progress.step > first_step:  # a finished run that is resumed saves nothing new
             save()
     finally:
@@ -248,7 +282,7 @@ def train(
         )
     elif env.is_main:
         why = stop.received or f"train.stop_at_step={train_cfg.stop_at_step}"
-        log.message(f"stopped at step {progress.step} ({why}); continue with train.resume=latest")
+        log.message(f"stopped at step {progress.step} ({why}); continue with checkpoint.resume=latest")
     return progress
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data_pipeline.errors import run_main
 from training.interop.export_checkpoint import export_openclip
-from training.trained_model import load_trained_model, resolve_checkpoint
+from training.model.trained import load_trained_model, resolve_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

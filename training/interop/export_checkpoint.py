@@ -29,13 +29,14 @@ import torch
 
 from data_pipeline.errors import UserError
 from training.interop.openclip_layout import openclip_model_config, to_openclip_state_dict
-from training.trained_model import TrainedModel
-from training.transforms import CLIP_MEAN, CLIP_STD
+from training.model.trained import TrainedModel
+from training.text.clip_vocab import CLIP_EOT_ID, CLIP_SOT_ID
+from training.data.transforms import CLIP_MEAN, CLIP_STD
 
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 CONFIG_FILE = "open_clip_config.json"
 # CLIP's SOT/EOT ids: a tokenizer with these and CLIP's vocab size is CLIP's BPE.
-_CLIP_SPECIAL_IDS = (49406, 49407)
+_CLIP_SPECIAL_IDS = (CLIP_SOT_ID, CLIP_EOT_ID)
 
 
 @dataclass

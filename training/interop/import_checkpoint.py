@@ -1,7 +1,7 @@
 """Load an OpenAI CLIP or OpenCLIP checkpoint from a local file into our CLIP.
 
     trained = import_pretrained("ViT-B-32.pt", "vit_b32_quickgelu", "bpe_simple_vocab_16e6.txt.gz")
-    trained.model.encode_image(...)   # a training.trained_model.TrainedModel, as eval jobs use
+    trained.model.encode_image(...)   # a training.model.trained.TrainedModel, as eval jobs use
 
 Files it reads (the layout of training.interop.openclip_layout):
     OpenAI's released `ViT-B-32.pt` etc.    TorchScript archives (fp16 weights; loading one runs
@@ -32,8 +32,8 @@ from training.interop.openclip_layout import (
 )
 from training.model import CLIP, MODEL_CONFIGS, ClipModelConfig, build_model, with_tokenizer
 from training.model.image_tower import trunk_checkpoint_filter
-from training.tokenizer import Tokenizer
-from training.trained_model import TrainedModel
+from training.text.tokenizer import Tokenizer
+from training.model.trained import TrainedModel
 
 # How many mismatches the error line names before "(+N more)".
 _SHOWN_MISMATCHES = 4

@@ -43,6 +43,7 @@ import torch
 
 from training.model import CLIP
 from training.model.configs import ClipModelConfig
+from training.text.clip_vocab import CLIP_EOT_ID, CLIP_VOCAB_SIZE
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 # OpenAI's CLIP vocabulary: a checkpoint in this layout only makes sense with these ids.
-CLIP_VOCAB_SIZE, CLIP_EOT_ID = 49408, 49407
 
 _TEXT_BLOCK_RENAMES = (  # (OpenCLIP, ours) within one residual block of the text tower
     ("ln_1.", "ln_1."),
@@ -98,7 +98,7 @@ _TEXT_RENAMES = {  # whole names outside the blocks, OpenCLIP -> ours
     "logit_scale": "logit_scale",
 }
 _TEXT_RENAMES_BACK = {ours: theirs for theirs, ours in _TEXT_RENAMES.items()}
-_VISUAL_RENAMES = {  # ours -> OpenCLIP, outside the blocks; reshapes handled in `_visual_key`
+_VISUAL_RENAMES = {  # ours -> OpenCLIP, outside the blocks; reshapes handled in `_to_openclip`
     "visual.trunk.patch_embed.proj.weight": "visual.conv1.weight",
     "visual.trunk.norm_pre.weight": "visual.ln_pre.weight",
     "visual.trunk.norm_pre.bias": "visual.ln_pre.bias",

@@ -1,7 +1,7 @@
 """CLIP: image tower + text tower + learned temperature (and SigLIP bias).
 
 Knows nothing of DDP, precision or losses: `forward` returns features and the logit scale, the
-loss (training/losses.py) turns them into a number.
+loss (training/losses/contrastive.py) turns them into a number.
 """
 
 from __future__ import annotations
@@ -95,13 +95,13 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     Biases and norm gains (every parameter with fewer than 2 dims, which also covers
     logit_scale/logit_bias), and embeddings: token and positional embeddings of the text tower,
     and what the timm trunk lists as such (pos_embed, cls_token, ...). Decaying them pulls
-    them towards zero for no regularisation benefit. Works on a DDP/compile-wrapped model too,
-    as long as names are taken from the same wrapper the optimizer sees.
+    them towards zero for no regularisation benefit. Takes the bare model: the optimizer is
+    built before the engine wraps it (training.parallel.engines), so names carry no prefix.
     """
-    clip = _unwrap(model)
-    prefix = _name_prefix(model, clip)
-    embeddings = {f"{prefix}visual.{n}" for n in clip.visual.no_weight_decay()}
-    embeddings |= {f"{prefix}text.{n}" for n in clip.text.no_weight_decay()}
+    if not isinstance(model, CLIP):
+        raise TypeError(f"expected the bare CLIP model, got {type(model).__name__}")
+    embeddings = {f"visual.{n}" for n in model.visual.no_weight_decay()}
+    embeddings |= {f"text.{n}" for n in model.text.no_weight_decay()}
     return {
         name
         for name, param in model.named_parameters()
@@ -121,20 +121,3 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def _unwrap(model: nn.Module) -> CLIP:
-    # DDP keeps the model in `.module`, torch.compile in `._orig_mod`.
-    inner = model
-    while not isinstance(inner, CLIP):
-        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
-        if inner is None:
-            raise TypeError(f"{type(model).__name__} does not wrap a CLIP model")
-    return inner
-
-
-def _name_prefix(model: nn.Module, clip: CLIP) -> str:
-    for name, module in model.named_modules():
-        if module is clip:
-            return f"{name}." if name else ""
-    raise AssertionError("unreachable: _unwrap found the CLIP inside model")

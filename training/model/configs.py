@@ -21,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from training.text.clip_vocab import CLIP_EOT_ID, CLIP_VOCAB_SIZE
+
 if TYPE_CHECKING:
-    from training.tokenizer import Tokenizer
+    from training.text.tokenizer import Tokenizer
 
 # timm kwargs the image tower sets itself; letting a config set them too would be ambiguous.
 _RESERVED_TIMM_KWARGS = ("num_classes", "pretrained", "img_size", "patch_drop_rate")
@@ -68,13 +70,13 @@ class TextConfig:
     need it back to reproduce their embeddings).
     """
 
-    vocab_size: int = 49408
+    vocab_size: int = CLIP_VOCAB_SIZE
     context_length: int = 77
     width: int = 512
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
-    eot_id: int = 49407
+    eot_id: int = CLIP_EOT_ID
     pad_id: int = 0
     # A default, so configs saved before this field existed still load as what they were.
     activation: str = "gelu"

@@ -15,7 +15,7 @@ from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
 from training.model import CLIP, build_model
 from training.model.configs import ClipModelConfig
-from training.tokenizer import Tokenizer
+from training.text.tokenizer import Tokenizer
 
 
 @dataclass

@@ -1,70 +1,18 @@
 """Raw sample -> (image tensor, token ids), batching with dynamic padding, and shard judging.
 
-Runs inside dataloader workers, after the resume skip point (see `training.data`).
+Runs inside dataloader workers, after the resume skip point (see `training.data.loader`). What
+makes a sample unusable is decided by `data_pipeline.shard_format`, the same judge `validate` uses.
 """
 
 from __future__ import annotations
 
-import io
-import json
 from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
-from training.shard_stream import RawSample
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXTENSION = "txt"
-
-
-class SkipSample(Exception):
-    """A raw sample that cannot be used; the reason is counted and logged, never fatal."""
-
-
-def decode_image(raw: RawSample, min_size: int | None = None) -> Image.Image:
-    """min_size: the image may come back smaller, but no side below min_size (JPEG only)."""
-    data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    if data is None:
-        raise SkipSample(f"no image member (members: {member_names(raw)})")
-    try:
-        image = Image.open(io.BytesIO(data))
-        if min_size is not None:
-            # libjpeg scales by 1/2, 1/4 or 1/8 while decoding (in the DCT domain), so a 256-px
-            # JPEG headed for a 64-px crop is decoded at 128 px for a fraction of the work,
-            # instead of decoding every pixel and discarding most of them in the resize.
-            # A no-op for other formats and when no scale keeps both sides >= min_size.
-            image.draft("RGB", (min_size, min_size))
-        image.load()  # decode now, so a truncated/corrupt file fails here and not in a transform
-        return image.convert("RGB")
-    except Exception as exn:  # noqa: BLE001 - PIL raises many types (OSError, ValueError, ...)
-        raise SkipSample(f"undecodable image: {exn!r}") from None
-
-
-def decode_caption(raw: RawSample) -> str:
-    data = raw.get(CAPTION_EXTENSION)
-    if data is None:
-        raise SkipSample(f"no .{CAPTION_EXTENSION} caption (members: {member_names(raw)})")
-    try:
-        caption = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise SkipSample("caption is not UTF-8") from None
-    if not caption:
-        raise SkipSample("empty caption")
-    return caption
-
-
-def decode_metadata(raw: RawSample) -> dict[str, Any]:
-    """The img2dataset .json member, or {} if absent or unparsable (metadata is never required)."""
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def member_names(raw: RawSample) -> str:
-    return ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+from data_pipeline.shard_format import BadSample, RawSample, decode_caption, decode_image
+from training.text.tokenizer import pad_batch
 
 
 def decode_sample(
@@ -74,7 +22,7 @@ def decode_sample(
     augment_seed: int | None = None,
     min_image_size: int | None = None,
 ) -> tuple[torch.Tensor, Sequence[int]]:
-    """Raises SkipSample for anything wrong with the data. Tokenizer errors propagate: they are
+    """Raises BadSample for anything wrong with the data. Tokenizer errors propagate: they are
     bugs, not bad data.
 
     augment_seed: if given, the transform's random draws come from torch's generator seeded with
@@ -82,7 +30,7 @@ def decode_sample(
     min_image_size: smallest image side the transform needs (see `decode_image`).
     """
     if "__error__" in raw:
-        raise SkipSample(raw["__error__"])
+        raise BadSample(raw["__error__"])
     caption = decode_caption(raw)  # cheaper than the image: check it first
     image = decode_image(raw, min_image_size)
     if augment_seed is None:
@@ -97,7 +45,7 @@ def decode_sample(
             pixels = transform(image)
     tokens = tokenize(caption)
     if len(tokens) == 0:
-        raise SkipSample("caption tokenized to nothing")
+        raise BadSample("caption tokenized to nothing")
     return pixels, tokens
 
 
@@ -106,11 +54,7 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Stack images; pad texts to the longest caption *of this batch* (dynamic text length:
     short captions cost no attention over padding)."""
-    longest = max(len(tokens) for tokens in token_lists)
-    text = torch.full((len(token_lists), longest), pad_id, dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        text[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
-    return {"image": torch.stack(images), "text": text}
+    return {"image": torch.stack(images), "text": pad_batch(token_lists, pad_id)}
 
 
 class ShardJudge:

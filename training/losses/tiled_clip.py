@@ -1,6 +1,6 @@
 """Memory-linear CLIP and SigLIP losses: the logits are computed tile by tile, never as a matrix.
 
-The gathered losses in losses.py build a (B_local, B_global) logits matrix per rank, several
+The gathered losses in contrastive.py build a (B_local, B_global) logits matrix per rank, several
 copies of it once autograd has saved what it needs, so memory grows with the square of the batch.
 Here, following Inf-CL (Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size
 Scaling for Contrastive Loss", arXiv 2410.17243):
@@ -20,11 +20,11 @@ Scaling for Contrastive Loss", arXiv 2410.17243):
 Values and gradients equal those of ClipLoss / SigLipLoss up to summation order: each rank
 still returns the loss of ITS rows, normalised by its local batch, and each rank's feature
 gradient is the sum over all ranks' losses, the contract of gather_features_with_grad (see
-losses.py), so DDP and logging work unchanged. Tiles are computed in fp32 (at least) whatever the
+contrastive.py), so DDP and logging work unchanged. Tiles are computed in fp32 (at least) whatever the
 feature dtype; features travel in their own dtype, gradients in fp32. tests/test_tiled_loss.py
 checks it against the naive losses on 1, 2 and 4 gloo processes; bench/loss_memory.py measures
-memory and time. This module holds the CLIP loss; tiled_siglip_loss.py the SigLIP one;
-tiled_ring.py what both use.
+memory and time. This module holds the CLIP loss; tiled_siglip.py the SigLIP one;
+ring.py what both use.
 
 Work, in (B_local, B_local, D) matrix products: naive CLIP 3 per block and direction; tiled
 1 forward + 3 backward (the recomputation), except a rank's own block, whose tiles serve both
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from training.tiled_ring import (
+from training.losses.ring import (
     DEFAULT_TILE_SIZE,
     GradientRelay,
     RingPass,

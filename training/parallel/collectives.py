@@ -1,13 +1,16 @@
-"""The few collectives the contrastive losses need, usable with or without a process group.
+"""Every collective the run uses, usable with or without a process group.
 
-Without an initialised process group (single process, unit tests, evaluation) every helper is
-the identity, so callers never branch on world size.
+The losses' feature gather (with its gradient contract) and the trainer's small per-step sums and
+per-rank object gathers. Without an initialised process group (single process, unit tests,
+evaluation) every helper is the identity, so callers never branch on world size.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from training.parallel.process_group import Distributed
 
 
 def world_info() -> tuple[int, int]:
@@ -54,19 +57,26 @@ def gather_features_with_grad(
     All ranks of `group` must call it, in the same order, with the same B (the trainer drops
     the last partial batch). Gradient contract: after backward, rank r holds
     sum over ranks s of d(loss_s)/d(x_r). With each rank's loss covering its local rows and
-    normalised by its local batch (see losses.py), DDP's average of parameter gradients over
-    ranks is then exactly the gradient of the global-batch loss.
+    normalised by its local batch (see training/losses/contrastive.py), DDP's average of
+    parameter gradients over ranks is then exactly the gradient of the global-batch loss.
     """
     if world_info()[1] == 1:
         return x
     return _GatherWithGrad.apply(x, group)
 
 
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over all ranks (no gradient): for logging a per-rank loss as the
-    global-batch loss. All ranks take part; shape in == shape out."""
-    if world_info()[1] == 1:
-        return value.detach()
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / dist.get_world_size()
+def sum_over_ranks(values: torch.Tensor, env: Distributed) -> torch.Tensor:
+    """Element-wise sum of a small float tensor over all ranks (every rank takes part; shape [k]
+    in, [k] out). Used for the step's loss and for flags all ranks must act on together."""
+    if env.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def gather_objects(obj, env: Distributed) -> list:
+    """Every rank contributes one picklable object; every rank receives the list over ranks."""
+    if not env.enabled:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

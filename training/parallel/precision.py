@@ -21,10 +21,6 @@ class Precision:
     def __post_init__(self) -> None:
         if self.name not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.name!r}")
-        if self.name == "fp16" and self.device_type == "cpu":
-            # CPU autocast supports fp16 on recent torch, but it is slow and pointless there;
-            # still allowed so the code path (with a scaler) can be exercised on CPU tests.
-            pass
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
 

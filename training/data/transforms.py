@@ -8,19 +8,16 @@ workers, which on a CPU machine share the cores with the model (bench/data_loade
 Eval: Resize shorter side (bicubic) -> CenterCrop -> ToTensor -> Normalize.
 
 All random choices come from torch's global generator (torchvision's v1 transforms draw from it),
-which is what lets `training.data` make augmentation reproducible by seeding that generator per
+which is what lets `training.data.decode` make augmentation reproducible by seeding that generator per
 sample inside `torch.random.fork_rng`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torchvision import transforms as T
 
-if TYPE_CHECKING:  # data.py imports this module; the config is only needed for type checking
-    from training.data import DataConfig
+from training.data.config import AugmentConfig
 
 # The statistics of OpenAI's CLIP training set; every public CLIP checkpoint expects them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,7 +26,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_MEAN_UINT8 = tuple(round(255 * m) for m in CLIP_MEAN)
 
 
-def build_train_transform(cfg: DataConfig) -> T.Compose:
+def build_train_transform(cfg: AugmentConfig) -> T.Compose:
     """PIL RGB image -> uint8 tensor [3, cfg.image_size, cfg.image_size] (not yet normalised:
     see `normalize_images`)."""
     steps: list = [

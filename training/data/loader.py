@@ -1,19 +1,20 @@
-"""The training and evaluation data pipelines: webdataset shards -> batches of images and tokens.
+"""The training data pipeline: webdataset shards -> batches of images and tokens, with exact resume.
 
 Per dataloader worker, the train pipeline is an infinite stream (see `TrainStream._batches`):
 
-    shards (pure function of seed, source, epoch, global worker id)
-      -> tar members -> raw samples (bytes, undecoded)          [training.shard_stream]
+    shards (pure function of seed, source, epoch, global worker id)  [training.data.sources]
+      -> tar members -> raw samples (bytes, undecoded)          [data_pipeline.shard_format]
       -> mix sources by weight -> sample shuffle buffer (RNG seeded per worker)
       -> (resume: the first N raw samples are dropped here, undecoded)
       -> decode / filter / augment (RNG seeded per raw sample) -> tokenize -> batch
-                                                                  [training.sample_decode]
+                                                                  [training.data.decode]
 
 Because every step before the resume point is deterministic and cheap, and every step after it
 depends only on the raw sample and its index, a resumed run sees exactly the batches an
 uninterrupted run would have seen (tests/test_data.py checks this bit for bit).
 
-Batches are dicts: image FloatTensor [B, 3, H, W], text LongTensor [B, L] padded with `pad_id`
+Batches are dicts: image uint8 tensor [B, 3, H, W] (normalised on the trainer's device by
+`training.data.transforms.normalize_images`), text LongTensor [B, L] padded with `pad_id`
 to the longest caption of the batch. Workers run forever (epochs are a worker-internal notion),
 so the trainer runs for a number of steps; `TrainLoader.steps_per_epoch` gives the "epoch" used
 for logging and schedules.
@@ -22,12 +23,11 @@ for logging and schedules.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import math
-import multiprocessing
 import random
 import signal
+import weakref
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, Callable, Iterator, Sequence
@@ -35,12 +35,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from training.sample_decode import SkipSample, ShardJudge, collate, decode_metadata, decode_sample
-from training.shard_stream import (
-    SOURCE_SEPARATOR, derive_seed, expand_sources, mix_streams, read_shard, read_shard_sizes,
-    shuffle_buffer, source_stream,
+from data_pipeline.shard_format import BadSample
+from training.data.config import AugmentConfig, DataConfig, DataError
+from training.data.decode import ShardJudge, collate, decode_sample
+from training.data.sources import (
+    derive_seed, expand_sources, mix_streams, read_shard_sizes, shuffle_buffer, source_stream,
 )
-from training.transforms import build_eval_transform, build_train_transform
+from training.data.transforms import build_train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -52,85 +53,6 @@ Tokenize = Callable[[str], Sequence[int]]
 _DATA_ERROR_KEY = "__data_error__"
 # How many skipped samples each worker logs with their reason before it goes quiet.
 _SKIPS_LOGGED_PER_WORKER = 5
-
-
-class DataError(Exception):
-    """The data cannot be used as configured (shown by the CLI as one line)."""
-
-
-@dataclass
-class DataConfig:
-    """Training data. Shards are webdataset tars as img2dataset writes them (KEY.jpg, KEY.txt,
-    KEY.json), with an optional sizes.json ({"00000.tar": n, ...}) beside them.
-
-    train_shards: one or more sources joined with `::`. A source is a brace pattern
-        (`dir/{00000..00099}.tar`), a directory (all *.tar in it), an fsspec URL (`s3://...`,
-        `file://...`, directory or pattern), or a `pipe:` command (`pipe:aws s3 cp s3://b/0.tar -`).
-    train_data_weights: share of samples drawn from each source (normalized; mixing is per
-        sample). None = proportional to source size: samples listed in sizes.json if every source
-        has one, else the shard count. Either way a source is re-read when exhausted.
-    num_samples: samples per "epoch" (logging and schedules only). None = sum of sizes.json.
-    resampled: draw shards with replacement (no epochs) instead of epoch-wise permutations.
-    shard_shuffle: permute shard order per epoch (ignored when resampled).
-    sample_shuffle_buffer: raw samples held per worker for shuffling; 0 = off.
-    workers: dataloader worker processes per rank; 0 = load in the main process.
-    batch_size: per rank.
-    scale, hflip, color_jitter, random_erasing: augmentation, see training.transforms.
-    """
-
-    train_shards: str
-    train_data_weights: list[float] | None = None
-    num_samples: int | None = None
-    resampled: bool = False
-    shard_shuffle: bool = True
-    sample_shuffle_buffer: int = 1000
-    workers: int = 4
-    image_size: int = 224
-    batch_size: int = 256
-    scale: tuple[float, float] = (0.9, 1.0)
-    hflip: float = 0.0
-    color_jitter: float = 0.0
-    random_erasing: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.train_shards, str) or not self.train_shards.strip():
-            raise ValueError("train_shards must be a non-empty string")
-        parts = self.train_shards.split(SOURCE_SEPARATOR)
-        if any(not part.strip() for part in parts):
-            raise ValueError(f"train_shards has an empty source: {self.train_shards!r}")
-        if self.train_data_weights is not None:
-            self.train_data_weights = [float(w) for w in self.train_data_weights]
-            if len(self.train_data_weights) != len(parts):
-                raise ValueError(
-                    f"train_data_weights has {len(self.train_data_weights)} entries for "
-                    f"{len(parts)} sources"
-                )
-            if not all(math.isfinite(w) and w > 0 for w in self.train_data_weights):
-                raise ValueError(f"train_data_weights must be > 0: {self.train_data_weights}")
-        if self.num_samples is not None and self.num_samples <= 0:
-            raise ValueError(f"num_samples must be > 0, got {self.num_samples}")
-        for name in ("sample_shuffle_buffer", "workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("image_size", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        self.scale = tuple(float(s) for s in self.scale)
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1: {self.scale}")
-        for name in ("hflip", "random_erasing"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
-        if self.color_jitter < 0:
-            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields that shape the batch sequence; a resume must not change any of them."""
-        fields = dataclasses.asdict(self)
-        fields.pop("num_samples")
-        fields["scale"] = list(self.scale)
-        return fields
 
 
 @dataclass
@@ -190,8 +112,8 @@ class TrainStream(IterableDataset):
     def _batches(self, role: int) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         global_worker = self.rank * self.roles + role
-        transform = build_train_transform(cfg)
-        decode_size = smallest_decode_size(cfg)
+        transform = build_train_transform(cfg.augment())
+        decode_size = smallest_decode_size(cfg.augment())
         raw = self.raw_samples(role)
         judge = ShardJudge()
         consumed, skipped = self.resume.consumed[role], self.resume.skipped[role]
@@ -207,7 +129,7 @@ class TrainStream(IterableDataset):
                 pixels, tokens = decode_sample(
                     item, transform, self.tokenize, augment_seed, min_image_size=decode_size
                 )
-            except SkipSample as skip:
+            except BadSample as skip:
                 skipped += 1
                 if skipped <= _SKIPS_LOGGED_PER_WORKER:
                     logger.warning("skipping sample %r of %s: %s", item.get("__key__"),
@@ -226,7 +148,7 @@ class TrainStream(IterableDataset):
                 images, token_lists = [], []
 
 
-def smallest_decode_size(cfg: DataConfig) -> int:
+def smallest_decode_size(cfg: AugmentConfig) -> int:
     """The smallest image side from which RandomResizedCrop never has to upsample: its crop keeps
     at least scale[0] of the area at an aspect ratio down to 3/4, so the crop's shorter side is at
     least sqrt(scale[0] * 3/4) of the image's (and the crop is resized to image_size)."""
@@ -294,6 +216,7 @@ class TrainLoader:
             worker_init_fn=_ignore_stop_signals,
         )
         self._iterator: Iterator[dict[str, Any]] | None = None
+        _track_for_exit(self)
 
     def _resume_point(self, state: dict[str, Any]) -> ResumePoint:
         expected = {
@@ -352,6 +275,10 @@ class TrainLoader:
             raise ValueError(f"global_batch must be > 0, got {global_batch}")
         return max(1, self.num_samples // global_batch)
 
+    def worker_processes(self) -> list:
+        """The worker processes this loader started (none before the first batch)."""
+        return list(getattr(self._iterator, "_workers", []))
+
     def close(self) -> None:
         """Stop the worker processes (also happens when the loader is garbage-collected)."""
         iterator, self._iterator = self._iterator, None
@@ -368,50 +295,6 @@ def build_train_loader(
     return TrainLoader(cfg, tokenize, pad_id, rank=rank, world_size=world_size, state=state)
 
 
-class EvalStream(IterableDataset):
-    """One pass over the shards, in order, split across workers (no wrap-around: a worker
-    without shards yields nothing, so no sample is seen twice)."""
-
-    def __init__(
-        self, urls: list[str], image_size: int, batch_size: int, tokenize: Tokenize, pad_id: int
-    ) -> None:
-        self.urls, self.image_size, self.batch_size = urls, image_size, batch_size
-        self.tokenize, self.pad_id = tokenize, pad_id
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        try:
-            yield from self._batches(self.urls[worker::workers])
-        except DataError as exn:
-            yield {_DATA_ERROR_KEY: str(exn)}
-
-    def _batches(self, urls: list[str]) -> Iterator[dict[str, Any]]:
-        transform = build_eval_transform(self.image_size)
-        judge = ShardJudge()
-        images, token_lists, keys, metas = [], [], [], []
-        for visit, url in enumerate(urls):
-            for item in read_shard(url, visit):
-                try:
-                    pixels, tokens = decode_sample(item, transform, self.tokenize)
-                except SkipSample as skip:
-                    logger.warning("skipping eval sample %r of %s: %s", item["__key__"], url, skip)
-                    error = judge.record(item, usable=False, reason=str(skip))
-                    if error:
-                        raise DataError(error)
-                    continue
-                judge.record(item, usable=True)
-                images.append(pixels)
-                token_lists.append(tokens)
-                keys.append(item["__key__"])
-                metas.append(decode_metadata(item))
-                if len(images) == self.batch_size:
-                    yield dict(collate(images, token_lists, self.pad_id), keys=keys, meta=metas)
-                    images, token_lists, keys, metas = [], [], [], []
-        if images:
-            yield dict(collate(images, token_lists, self.pad_id), keys=keys, meta=metas)
-
-
 def _ignore_stop_signals(worker_id: int) -> None:
     """SLURM sends SIGTERM (scancel, time limit) or its USR1 warning to every process of a job
     step, workers included. A worker that dies of it makes the trainer crash before its last
@@ -420,51 +303,30 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+# Loaders whose workers `_kill_loader_workers_at_exit` stops; the handler is registered when the
+# first loader is built, so importing this module (e.g. to read a run config) installs nothing.
+_live_loaders: weakref.WeakSet[TrainLoader] = weakref.WeakSet()
+_exit_handler_registered = False
+
+
+def _track_for_exit(loader: TrainLoader) -> None:
+    global _exit_handler_registered
+    _live_loaders.add(loader)
+    if not _exit_handler_registered:
+        atexit.register(_kill_loader_workers_at_exit)
+        _exit_handler_registered = True
+
+
 def _kill_loader_workers_at_exit() -> None:
     """The other half of `_ignore_stop_signals`. At interpreter exit multiprocessing stops daemon
     children with SIGTERM and then waits for them, so a trainer leaving by an exception (a dead
     peer under torchrun, a bad batch mid-run) would wait forever on workers that ignore it. A
     loader worker holds nothing worth saving: it gets SIGKILL. atexit runs the last-registered
     handler first, so this runs before multiprocessing's (registered when torch imported it)."""
-    children = [c for c in multiprocessing.active_children() if c.daemon]
+    children = [w for loader in list(_live_loaders) for w in loader.worker_processes() if w.is_alive()]
     if children:
         # The DataLoader's SIGCHLD handler would report each kill as a second, misleading error.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:
         child.kill()
 
-
-atexit.register(_kill_loader_workers_at_exit)
-
-
-class EvalLoader:
-    """Re-iterable; each pass yields dict(image, text, keys: list[str], meta: list[dict])."""
-
-    def __init__(self, stream: EvalStream, workers: int) -> None:
-        self._loader = DataLoader(
-            stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available()
-        )
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self._loader:
-            if _DATA_ERROR_KEY in batch:
-                raise DataError(batch[_DATA_ERROR_KEY])
-            yield batch
-
-
-def build_eval_loader(
-    shards: str | Sequence[str], image_size: int, batch_size: int, tokenize: Tokenize,
-    pad_id: int, workers: int = 0,
-) -> EvalLoader:
-    """Finite, unshuffled, eval transform. shards: same syntax as train_shards (sources joined
-    with `::` are concatenated) or a list of shard URLs."""
-    try:
-        if isinstance(shards, str):
-            urls = [url for source in expand_sources(shards) for url in source]
-        else:
-            urls = list(shards)
-    except (ValueError, OSError) as exn:
-        raise DataError(f"eval shards: {exn}") from None
-    if not urls:
-        raise DataError("eval shards: empty list")
-    return EvalLoader(EvalStream(urls, image_size, batch_size, tokenize, pad_id), workers)

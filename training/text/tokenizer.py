@@ -15,7 +15,7 @@ Sequences are `[SOT, ..., EOT]` and are NOT padded to the context length: a batc
 its longest caption (the text tower is causal and pools at EOT, so padding never changes the
 result, only costs compute).
 
-CLI: python -m training.tokenizer --shards data/shards --vocab-size 4096
+CLI: python -m training.text.tokenizer --shards data/shards --vocab-size 4096
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import argparse
 import gzip
 import json
 import statistics
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tokenizers
 import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+from data_pipeline.shard_format import BadSample, decode_caption, read_shard
 
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -296,15 +297,17 @@ def _read_merges(path: Path, limit: int | None) -> list[tuple[str, str]]:
 
 
 def iter_shard_captions(shards_dir: str | Path) -> Iterator[str]:
-    """Captions (`.txt` members) of every webdataset `*.tar` shard in `shards_dir`, in order."""
+    """Captions of every webdataset `*.tar` shard in `shards_dir`, in order: the captions the
+    trainer would use (samples it would skip for their caption are left out here too)."""
     shards = sorted(Path(shards_dir).glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"no *.tar shards in {shards_dir}")
     for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".txt"):
-                    yield tar.extractfile(member).read().decode("utf-8")
+        for raw in read_shard(str(shard)):
+            try:
+                yield decode_caption(raw)
+            except BadSample:
+                continue
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,7 +8,7 @@ Distributed scaling, the same for every loss here: each rank scores ITS OWN rows
 against all gathered texts, and its texts against all gathered images) and normalises by its
 local batch size. Then
   * the mean over ranks of the returned losses equals the single-process loss on the
-    concatenated global batch (log `distributed.mean_over_ranks(loss)`), and
+    concatenated global batch (the trainer's `sum_over_ranks` / world size), and
   * with `gather_features_with_grad` (gradients of a rank's rows summed over all ranks' losses)
     and DDP's gradient averaging, parameters get exactly the global-batch loss gradient.
 tests/test_losses.py checks both with real 2- and 4-process gloo runs.
@@ -17,62 +17,12 @@ tests/test_losses.py checks both with real 2- and 4-process gloo runs.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import gather_features_with_grad, world_info
-from training.tiled_ring import DEFAULT_TILE_SIZE
-
-LOSS_NAMES = ("clip", "siglip", "soft_clip")
-
-
-@dataclass
-class LossConfig:
-    """`name`: "clip" (InfoNCE, Radford et al. 2021), "siglip" (sigmoid, Zhai et al. 2023; the
-    model needs a logit bias, see model.configs.for_siglip) or "soft_clip" (InfoNCE with soft
-    targets). `soft_target_scale`: soft_clip only; temperature of the targets, None = the
-    model's current logit scale. `tiled`: compute clip/siglip tile by tile round a ring of
-    ranks (tiled_loss.py): same values and gradients, memory linear in the batch instead of
-    quadratic; `tile_size`: rows/columns per tile there."""
-
-    name: str = "clip"
-    soft_target_scale: float | None = None
-    tiled: bool = False
-    tile_size: int = DEFAULT_TILE_SIZE
-
-    def __post_init__(self) -> None:
-        if self.name not in LOSS_NAMES:
-            raise ValueError(f"unknown loss {self.name!r}; choose from {LOSS_NAMES}")
-        if self.soft_target_scale is not None:
-            if self.name != "soft_clip":
-                raise ValueError("soft_target_scale only applies to the soft_clip loss")
-            if self.soft_target_scale <= 0:
-                raise ValueError(
-                    f"soft_target_scale must be positive, got {self.soft_target_scale}"
-                )
-        if self.tiled and self.name == "soft_clip":
-            raise ValueError("loss.tiled is implemented for clip and siglip, not soft_clip")
-        if self.tile_size < 1:
-            raise ValueError(f"loss.tile_size must be >= 1, got {self.tile_size}")
-
-
-def build_loss(cfg: LossConfig) -> nn.Module:
-    if cfg.tiled:
-        # Imported here: the tiled SigLIP loss uses require_logit_bias from this module.
-        from training.tiled_loss import TiledClipLoss
-        from training.tiled_siglip_loss import TiledSigLipLoss
-
-        tiled = TiledClipLoss if cfg.name == "clip" else TiledSigLipLoss
-        return tiled(tile_size=cfg.tile_size)
-    if cfg.name == "clip":
-        return ClipLoss()
-    if cfg.name == "siglip":
-        return SigLipLoss()
-    return SoftTargetClipLoss(target_scale=cfg.soft_target_scale)
-
+from training.parallel.collectives import gather_features_with_grad, world_info
 
 def _fp32(features: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=features.device.type, enabled=False)

@@ -1,15 +1,7 @@
-"""The one place that decides how the model is run: plain/DDP with torch autocast, or DeepSpeed.
-
-The training loop talks to an engine through six calls (zero_grad, accumulate, forward,
-backward, finish_step, and checkpoint save/load); the model and the loss never know which engine
-runs them.
-
-- `ddp`: one process, or DistributedDataParallel under torchrun/SLURM. Precision comes from
-  training.precision (autocast + a GradScaler for fp16). Checkpoints are our single-file format.
-- `deepspeed`: DeepSpeed's engine with ZeRO stage 1/2/3, bf16 or fp16 weights, its own gradient
-  accumulation and clipping, and its own (sharded) checkpoints under RUN_DIR/deepspeed/. Beside
-  each, rank 0 writes a model-only file in our format to RUN_DIR/checkpoints/, so eval jobs and
-  `train.resume=latest` find every run's checkpoints the same way.
+"""The `deepspeed` engine: DeepSpeed's engine with ZeRO stage 0-3, bf16 or fp16 weights, its own
+gradient accumulation and clipping, and its own (sharded) checkpoints under RUN_DIR/deepspeed/.
+Beside each, rank 0 writes a model-only file in our format to RUN_DIR/checkpoints/, so eval jobs
+and `checkpoint.resume=latest` find every run's checkpoints the same way.
 """
 
 from __future__ import annotations
@@ -17,124 +9,24 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
-from training.precision import Precision
-from training.process_group import Distributed
+from training.parallel.process_group import Distributed
 
 
-@dataclass
-class EngineConfig:
-    name: Literal["ddp", "deepspeed"] = "ddp"
-    # DeepSpeed JSON config (ZeRO stage, bf16/fp16, ...). Empty: built from zero_stage and
-    # train.precision. Batch size, accumulation and clipping always come from our own config.
-    deepspeed_config: str = ""
-    zero_stage: int = 1
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.deepspeed_config and self.name != "deepspeed":
-            raise ValueError("engine.deepspeed_config is only used with engine.name=deepspeed")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model behind DDP, DeepSpeed and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, DistributedDataParallel) or hasattr(model, "module"):
-            model = model.module
-        else:
-            return model
-
-
-class DDPEngine:
-    def __init__(self, model, optimizer, precision: Precision, env: Distributed, grad_clip, compile_model):
-        self.module = model.to(env.device)
-        self.optimizer = optimizer
-        self.precision = precision
-        self.env = env
-        self.grad_clip = grad_clip
-        wrapped = self.module
-        if env.enabled and any(p.requires_grad for p in model.parameters()):
-            wrapped = DistributedDataParallel(
-                wrapped,
-                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                # Every trainable parameter gets a gradient each step (locked towers have
-                # requires_grad=False, which DDP ignores), so the unused-parameter scan stays off.
-                find_unused_parameters=False,
-            )
-        self.wrapped = torch.compile(wrapped) if compile_model else wrapped
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def accumulate(self, last: bool):
-        # Accumulating micro-batches: only the last backward all-reduces gradients under DDP.
-        ddp = self.wrapped._orig_mod if hasattr(self.wrapped, "_orig_mod") else self.wrapped
-        if last or not isinstance(ddp, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return ddp.no_sync()
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.precision.autocast():
-            return self.wrapped(image, text)
-
-    def backward(self, loss: torch.Tensor, n_micro: int, last: bool) -> None:
-        self.precision.scaler.scale(loss / n_micro).backward()
-
-    def finish_step(self, skip: bool) -> float:
-        """Clip and apply the accumulated gradients, or drop them when `skip`."""
-        if skip:
-            self.zero_grad()
-            return float("nan")
-        scaler = self.precision.scaler
-        scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        scaler.step(self.optimizer)
-        scaler.update()
-        return float(norm)
-
-    def save(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> Path | None:
-        if not self.env.is_main:
-            return None
-        state = {
-            "engine": "ddp",
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.precision.scaler.state_dict(),
-            **extra,
-        }
-        return ckpt.save_checkpoint(run_dir, step, state, keep)
-
-    def load(self, path: Path) -> dict[str, Any]:
-        state = ckpt.load_checkpoint(path)
-        if state.get("engine", "ddp") != "ddp":
-            raise UserError(f"{path} was written by the {state['engine']} engine; resume with engine.name={state['engine']}")
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            self.precision.scaler.load_state_dict(state["scaler"])
-        return state
-
-
-def deepspeed_config(cfg: EngineConfig, precision: str, micro_batch: int, accum_steps: int, grad_clip: float) -> dict:
+def deepspeed_config(
+    user_json: str, zero_stage: int, precision: str, *, micro_batch: int, accum_steps: int,
+    grad_clip: float,
+) -> dict:
     """The DeepSpeed JSON, with batch geometry and clipping taken from our config."""
-    if cfg.deepspeed_config:
-        path = Path(cfg.deepspeed_config)
+    if user_json:
+        path = Path(user_json)
         if not path.is_file():
             raise UserError(f"engine.deepspeed_config: no file at {path}")
         try:
@@ -149,7 +41,7 @@ def deepspeed_config(cfg: EngineConfig, precision: str, micro_batch: int, accum_
             )
     else:
         ds = {
-            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_optimization": {"stage": zero_stage},
             "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         }
@@ -264,13 +156,3 @@ def _broadcast_scalar_parameters(model: nn.Module) -> None:
         if param.dim() == 0:
             dist.broadcast(param.data, src=0)
             param.ds_optim_param = True
-
-
-def build_engine(cfg: EngineConfig, model, optimizer, precision: Precision, env: Distributed,
-                 grad_clip: float, compile_model: bool, micro_batch: int, accum_steps: int):
-    if cfg.name == "ddp":
-        return DDPEngine(model, optimizer, precision, env, grad_clip, compile_model)
-    if compile_model:
-        raise UserError("train.compile is not supported with engine.name=deepspeed here; use ddp")
-    ds_config = deepspeed_config(cfg, precision.name, micro_batch, accum_steps, grad_clip)
-    return DeepSpeedEngine(model.to(env.device), optimizer, env, ds_config)

@@ -1,6 +1,6 @@
-"""What the tiled losses (tiled_loss.py: CLIP, tiled_siglip_loss.py: SigLIP) share: features
+"""What the tiled losses (tiled_clip.py: CLIP, tiled_siglip.py: SigLIP) share: features
 and gradients passed round a ring of ranks, tile scratch buffers, and the tile_size option.
-See tiled_loss.py for the method (Inf-CL, arXiv 2410.17243)."""
+See tiled_clip.py for the method (Inf-CL, arXiv 2410.17243)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.distributed import world_info
+from training.parallel.collectives import world_info
 
 DEFAULT_TILE_SIZE = 1024
 

@@ -1,5 +1,5 @@
 """Memory-linear SigLIP loss: SigLipLoss's value and gradients, tile by tile (the method is in
-tiled_loss.py's docstring). The loss is a sum of independent per-pair terms, so each tile's
+tiled_clip.py's docstring). The loss is a sum of independent per-pair terms, so each tile's
 contribution is final as soon as it is computed; one ring pass carries the texts."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.losses import require_logit_bias
-from training.tiled_ring import (
+from training.losses.contrastive import require_logit_bias
+from training.losses.ring import (
     GradientRelay,
     RingPass,
     TiledLoss,

@@ -1,4 +1,4 @@
-"""Rank bookkeeping: the process group, the device, and the few collectives the loop needs.
+"""Rank bookkeeping: the process group and the device (collectives are in collectives.py).
 
 torchrun (or SLURM via launch/) sets RANK / WORLD_SIZE / LOCAL_RANK; a plain
 `python -m training.main` is a world of one with no process group at all. Model and loss code
@@ -39,7 +39,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
+            raise ValueError("engine.device=cuda but no CUDA GPU is visible; use engine.device=cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(requested)
@@ -77,20 +77,3 @@ def _warn_if_restarts_cannot_reconnect() -> None:
 def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def sum_over_ranks(values: torch.Tensor, env: Distributed) -> torch.Tensor:
-    """Element-wise sum of a small float tensor over all ranks (every rank takes part; shape [k]
-    in, [k] out). Used for the step's loss and for flags all ranks must act on together."""
-    if env.enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def gather_objects(obj, env: Distributed) -> list:
-    """Every rank contributes one picklable object; every rank receives the list over ranks."""
-    if not env.enabled:
-        return [obj]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out

@@ -1,0 +1,285 @@
+"""The webdataset shard format, read back: one module that every reader of shards uses.
+
+A shard is a tar whose members are grouped into samples by key (the path minus all extensions):
+img2dataset writes ``KEY.jpg`` (the image), ``KEY.txt`` (the caption) and ``KEY.json`` (its
+metadata); eval sets add ``KEY.cls`` (a class index). This module reads shards into *raw* samples
+(dicts of undecoded member bytes keyed by extension, ``{"__key__": "000123", "jpg": b"...",
+"txt": b"..."}``) and decides whether a sample is usable and, if not, why. `validate`, the
+trainer, eval, search and the tokenizer all read through it, so they can never disagree about
+what a good sample is.
+
+Bookkeeping keys of a raw sample:
+
+- ``__url__``: the shard it came from;
+- ``__visit__``: a per-reader counter of shard openings, so one shard read twice (resampling,
+  wrap-around) is judged per reading;
+- ``__visit_total__``: set on the last item of a reading, the number of items that reading gave;
+- ``__error__``: with a key, the sample is malformed (a duplicate member); with an empty key, the
+  item is no sample but a record that the tar broke (truncated, unreadable, empty). It travels
+  through the trainer's shuffle buffer like a sample, so that skip counts and shard judging
+  happen at the same stream position in an uninterrupted and in a resumed run.
+
+Tar parsing is Python's tarfile (stream mode, so pipes and object storage work); URL opening and
+key splitting are webdataset's (`gopen`, `base_plus_ext`). The member loop is ours to catch tars
+cut off at a header and members whose header declares more bytes than follow (see
+`_tar_members`), and the grouping to be independent of webdataset's 0.2.96 format change.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Any, BinaryIO, Iterable, Iterator
+
+import fsspec
+from PIL import Image
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+RawSample = dict[str, Any]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+CLASS_EXTENSION = "cls"
+METADATA_EXTENSION = "json"
+# No image or caption is this large; a header declaring more is damage (or hostile), and reading
+# it whole would exhaust memory before the end of the file is noticed.
+MAX_MEMBER_BYTES = 1 << 30
+_READ_CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tars
+
+
+def is_url(spec: str) -> bool:
+    return "://" in spec
+
+
+def open_binary(url: str) -> BinaryIO:
+    """A local path, an fsspec URL (s3://, file://, ...) or a `pipe:` command, opened for reading."""
+    if url.startswith("pipe:"):
+        return gopen(url, "rb")
+    if is_url(url):
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb")
+
+
+def _close_quietly(stream: BinaryIO) -> None:
+    # A pipe closed before its command finished makes the command die of SIGPIPE, and webdataset's
+    # Pipe.close() then raises; that is expected when we stop reading a shard early.
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - nothing useful can be done with a failing close
+        pass
+
+
+class _CountingReader:
+    """Counts the bytes handed to tarfile, to tell a finished tar from one cut off at a header."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.bytes_read = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+def _tar_members(stream: BinaryIO, errors: list[Exception]) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar stream, read sequentially (works on pipes).
+
+    Same loop as webdataset's tar_file_iterator, plus two checks it lacks: tarfile treats a tar cut
+    off at (or inside) a member header as a normal end, silently dropping the rest of the shard,
+    and a member is read in bounded chunks (a header may declare a terabyte followed by EOF);
+    both count as errors here. Any error ends the stream (a broken member leaves the tar at an
+    unknown offset) and is appended to `errors`, so the sample being grouped is still emitted.
+    """
+    counted = _CountingReader(stream)
+    try:
+        tar = tarfile.open(fileobj=counted, mode="r|*")
+        for info in tar:
+            if info.isreg() and not info.name.startswith("__"):  # __*__: webdataset metadata
+                yield info.name, _read_member(tar, info)
+            tar.members = []  # stream mode keeps every TarInfo otherwise: memory grows per member
+        # A complete tar ends with zero blocks, so tarfile read at least one block past the last
+        # header offset it tried. (Compressed tars count compressed bytes: no check there.)
+        compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
+        if not compressed and counted.bytes_read < tar.offset + tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(
+                f"tar ends without its end-of-archive marker at byte {tar.offset} (truncated file)"
+            )
+    except Exception as exn:  # noqa: BLE001 - truncated/garbled tar, gzip or network errors
+        errors.append(exn)
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    if info.size > MAX_MEMBER_BYTES:
+        raise tarfile.ReadError(f"member {info.name} declares {info.size} bytes (corrupt header?)")
+    handle = tar.extractfile(info)
+    chunks, remaining = [], info.size
+    while remaining > 0:
+        chunk = handle.read(min(remaining, _READ_CHUNK))
+        if not chunk:
+            raise tarfile.ReadError(f"member {info.name} is cut short")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _group_members(members: Iterable[tuple[str, bytes]]) -> Iterator[RawSample]:
+    """Consecutive tar members with the same key (path minus all extensions) form one sample.
+
+    Our own grouping rather than webdataset's group_by_keys, whose output format changed in
+    0.2.96; the key split is still webdataset's base_plus_ext.
+    """
+    current: RawSample | None = None
+    for name, data in members:
+        key, ext = base_plus_ext(name)
+        if key is None:
+            continue
+        ext = ext.lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key}
+        if ext in current:
+            current["__error__"] = f"duplicate member {name}"
+        current[ext] = data
+    if current is not None:
+        yield current
+
+
+def _shard_items(url: str) -> Iterator[RawSample]:
+    try:
+        stream = open_binary(url)
+    except Exception as exn:  # noqa: BLE001 - any failure to open is reported as a broken shard
+        yield {"__key__": "", "__error__": f"cannot open shard: {exn!r}"}
+        return
+    errors: list[Exception] = []
+    try:
+        yield from _group_members(_tar_members(stream, errors))
+    finally:
+        _close_quietly(stream)
+    if errors:
+        yield {"__key__": "", "__error__": f"unreadable tar ({type(errors[0]).__name__}: {errors[0]})"}
+
+
+def read_shard(url: str, visit: int = 0) -> Iterator[RawSample]:
+    """All items of one shard reading, never raising: a broken tar ends with an __error__ item,
+    an empty or unreadable one gives a single __error__ item. The last item carries
+    ``__visit_total__`` (one-item lookahead) so consumers know when the reading is complete."""
+    previous: RawSample | None = None
+    total = 0
+    for item in _shard_items(url):
+        item["__url__"], item["__visit__"] = url, visit
+        total += 1
+        if previous is not None:
+            yield previous
+        previous = item
+    if previous is None:
+        previous = {"__key__": "", "__error__": "shard has no samples", "__url__": url}
+        previous["__visit__"], total = visit, 1
+    previous["__visit_total__"] = total
+    yield previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging and decoding samples
+
+
+class BadSample(Exception):
+    """A raw sample that cannot be used; the reason is counted and logged, never fatal."""
+
+
+def decode_image(raw: RawSample, min_size: int | None = None) -> Image.Image:
+    """min_size: the image may come back smaller, but no side below min_size (JPEG only)."""
+    ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if ext is None:
+        raise BadSample(f"no image (members: {member_names(raw)})")
+    data = raw[ext]
+    try:
+        image = Image.open(io.BytesIO(data))
+        if min_size is not None:
+            # libjpeg scales by 1/2, 1/4 or 1/8 while decoding (in the DCT domain), so a 256-px
+            # JPEG headed for a 64-px crop is decoded at 128 px for a fraction of the work,
+            # instead of decoding every pixel and discarding most of them in the resize.
+            # A no-op for other formats and when no scale keeps both sides >= min_size.
+            image.draft("RGB", (min_size, min_size))
+        image.load()  # decode now, so a truncated/corrupt file fails here and not in a transform
+        return image.convert("RGB")
+    except Exception as exn:  # noqa: BLE001 - PIL raises many types (OSError, ValueError, ...)
+        raise BadSample(f"{ext}: image does not decode ({type(exn).__name__}: {exn})") from None
+
+
+def decode_caption(raw: RawSample) -> str:
+    data = raw.get(CAPTION_EXTENSION)
+    if data is None:
+        raise BadSample(
+            f"no caption (.{CAPTION_EXTENSION} missing) (members: {member_names(raw)})"
+        )
+    try:
+        caption = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadSample(f"caption (.{CAPTION_EXTENSION}) is not UTF-8") from None
+    if not caption:
+        raise BadSample(f"empty caption (.{CAPTION_EXTENSION})")
+    return caption
+
+
+def decode_metadata(raw: RawSample) -> dict[str, Any]:
+    """The img2dataset .json member, or {} if absent or unparsable (metadata is never required)."""
+    try:
+        meta = json.loads(raw[METADATA_EXTENSION]) if METADATA_EXTENSION in raw else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def member_names(raw: RawSample) -> str:
+    return ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+
+
+def class_label(raw: RawSample) -> int | None:
+    """The integer of a `.cls` member (webdataset's classification convention)."""
+    data = raw.get(CLASS_EXTENSION)
+    if data is None:
+        return None
+    try:
+        return int(data.decode("utf-8").strip())
+    except ValueError:
+        return None
+
+
+def captions(raw: RawSample) -> list[str] | None:
+    """Every caption of an image: a `captions` list in its .json if present, else one per
+    non-empty line of its .txt (Flickr30k/COCO shards hold five per image)."""
+    listed = decode_metadata(raw).get("captions")
+    if isinstance(listed, list) and listed:
+        found = [str(c).strip() for c in listed if str(c).strip()]
+    else:
+        try:
+            found = [line.strip() for line in decode_caption(raw).splitlines() if line.strip()]
+        except BadSample:
+            return None
+    return found or None
+
+
+def sample_problems(raw: RawSample) -> list[str]:
+    """Everything wrong with one training sample (empty when the trainer would use it): the
+    same checks, in the same words, as the trainer's skip reasons."""
+    problems = []
+    if raw.get("__error__"):
+        problems.append(raw["__error__"])
+    for check in (decode_image, decode_caption):
+        try:
+            check(raw)
+        except BadSample as bad:
+            problems.append(str(bad))
+    if METADATA_EXTENSION in raw:
+        try:
+            json.loads(raw[METADATA_EXTENSION])
+        except ValueError as exc:
+            problems.append(f"unreadable .json ({exc})")
+    return problems
