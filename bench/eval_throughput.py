@@ -4,8 +4,8 @@
 
 Both score zero-shot classification of the bench corpus's colour x shape classes with the
 corpus's prompt templates, on the same images read by the same dataset (our eval transform is
-OpenCLIP's: bicubic resize, centre crop, CLIP normalisation), batch size, worker count and bf16
-autocast. CLIP_benchmark (the classifier and classification calls of
+OpenCLIP's: bicubic resize, centre crop, CLIP normalisation), batch size, worker count and
+precision (auto: bf16 autocast where the hardware has it, else fp32). CLIP_benchmark (the classifier and classification calls of
 `clip_benchmark.metrics.zeroshot_classification.evaluate`) runs the
 OpenCLIP export of the same checkpoint (training.interop) when that export is possible, else an
 untrained OpenCLIP model of the same size (said so in the result). Images/s counts the whole call:
@@ -28,6 +28,7 @@ from eval.datasets import ClassificationSet
 from eval.demo import demo_label, read_corpus
 from eval.shard_images import ShardImages
 from eval.zeroshot import zeroshot_classification
+from training.parallel.precision import choose_precision
 from training.model.trained import load_trained_model, resolve_checkpoint
 
 
@@ -50,8 +51,11 @@ def _openclip_model(trained, workdir: Path):
 
 
 def measure(
-    checkpoint: str, corpus_root: str, shards: int, batch: int, workers: int, device: str = "cpu"
+    checkpoint: str, corpus_root: str, shards: int, batch: int, workers: int, device: str = "cpu",
+    precision: str = "auto",
 ) -> dict:
+    precision = choose_precision(precision, device).name
+    amp = precision != "fp32"  # CLIP_benchmark's amp is torch.autocast's default half dtype
     trained = load_trained_model(resolve_checkpoint(Path(checkpoint)), device=device)
     corpus = read_corpus(Path(corpus_root))
     urls = corpus.split("train")[:shards]
@@ -59,7 +63,7 @@ def measure(
     dataset = ShardImages(urls, size, partial(demo_label, corpus.index))
     dataset.classes = corpus.classnames  # CLIP_benchmark reads the class list off the dataset
     data = ClassificationSet("bench", corpus.classnames, corpus.templates, dataset)
-    cfg = InferenceConfig(batch_size=batch, workers=workers, precision="bf16", device=device)
+    cfg = InferenceConfig(batch_size=batch, workers=workers, precision=precision, device=device)
 
     images = {}
 
@@ -82,8 +86,8 @@ def measure(
         # The two calls of its `evaluate` that do the work (its accuracy helper fails on
         # numpy 2: float() of a 1-element array), then top-1 from its logits.
         classifier = cb.zero_shot_classifier(model, tokenizer, corpus.classnames, templates,
-                                             device, amp=True)
-        logits, target = cb.run_classification(model, classifier, loader, device, amp=True)
+                                             device, amp=amp)
+        logits, target = cb.run_classification(model, classifier, loader, device, amp=amp)
         seconds = time.perf_counter() - started
         return images["count"] / seconds, (logits.argmax(1) == target).float().mean().item()
 
@@ -102,6 +106,7 @@ def measure(
         "batch": batch,
         "workers": workers,
         "shards": shards,
+        "precision": precision,
     }
 
 
@@ -112,8 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = parser.parse_args(argv)
-    result = measure(args.checkpoint, args.corpus, args.shards, args.batch, args.workers)
+    result = measure(args.checkpoint, args.corpus, args.shards, args.batch, args.workers,
+                     precision=args.precision)
     for key, value in result.items():
         print(f"{key:28s} {value}")
 

@@ -104,7 +104,7 @@ def torch_profile_step(args: argparse.Namespace) -> str:
     from training.main import build_model_config
     from training.model import build_model
     from training.optim import build_optimizer
-    from training.parallel.precision import Precision
+    from training.parallel.precision import Precision, choose_precision
     from training.run_config import load_run_config
     from training.text.tokenizer import Tokenizer
     from training.train import batch_to_device
@@ -114,7 +114,7 @@ def torch_profile_step(args: argparse.Namespace) -> str:
     model_cfg = build_model_config(cfg, tokenizer)
     model = build_model(model_cfg)
     optimizer = build_optimizer(model, cfg.optim)
-    precision = Precision("bf16", "cpu")
+    precision = Precision(choose_precision("auto", "cpu").name, "cpu")
     loss_fn = build_loss(cfg.loss)
     loader = build_train_loader(cfg.data, tokenizer.encode, tokenizer.pad_id)
     batch = batch_to_device(next(loader), torch.device("cpu"))
@@ -135,7 +135,7 @@ def torch_profile_step(args: argparse.Namespace) -> str:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
                                       max_name_column_width=55)
     return (f"torch.profiler, one training step of {CONFIG} (batch {cfg.data.batch_size}, text "
-            f"length {batch['text'].shape[1]}, bf16 autocast, {torch.get_num_threads()} threads), "
+            f"length {batch['text'].shape[1]}, {precision.name}, {torch.get_num_threads()} threads), "
             f"after two warm-up steps; sorted by self CPU time.\n\n{table}\n")
 
 

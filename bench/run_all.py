@@ -31,6 +31,7 @@ from bench import data_loader, eval_throughput, machine, matmul_peak, train_thro
 from bench.corpus import caption_lengths, ensure_corpus
 from bench.flops import mfu, train_flops_per_sample
 from bench.results_table import to_markdown
+from training.parallel.precision import choose_precision
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -64,7 +65,8 @@ def tiny_run(args: argparse.Namespace) -> dict:
         [sys.executable, "-m", "training.main", "--config", "configs/tiny_demo.toml",
          f"data.train_shards={args.shards}", "data.num_samples=4056", f"tokenizer={args.tokenizer}",
          f"train.steps={steps}", f"train.run_dir={run_dir}", "log.every=1",
-         "log.progress_bar=false", f"engine.device={args.device}"],
+         "log.progress_bar=false", f"engine.device={args.device}",
+         f"engine.precision={args.precision_name}"],
         cwd=REPO, check=True, capture_output=True,
     )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -92,7 +94,12 @@ def run(args: argparse.Namespace) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     ensure_corpus()
     started = time.perf_counter()
-    results: dict = {"machine": machine.describe(args.device), "quick": args.quick}
+    choice = choose_precision(args.precision, args.device)
+    args.precision_name = choice.name
+    results: dict = {"machine": machine.describe(args.device), "quick": args.quick,
+                     "precision": {"requested": args.precision, "chosen": choice.name,
+                                   "reason": choice.reason}}
+    print(f"precision {choice.name} ({choice.reason})", flush=True)
     peak_seconds = 0.3 if args.quick else 1.0
     print("matmul peak ...", flush=True)
     peaks = [matmul_peak.measure(args.device, min_seconds=peak_seconds)]
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     results["eval"] = eval_throughput.measure(
         str(train_dir / "ours"), str(REPO / "data" / "bench" / "corpus"),
         shards=1 if args.quick else 2, batch=args.batch, workers=args.workers, device=args.device,
+        precision=args.precision_name,
     )
     print("loss memory ...", flush=True)
     results["loss_memory"] = loss_memory(args)
@@ -118,12 +126,15 @@ def run(args: argparse.Namespace) -> dict:
     results["matmul_peak"] = {"readings": peaks, "bf16_gflops": max(p["bf16_gflops"] for p in peaks),
                               "fp32_gflops": max(p["fp32_gflops"] for p in peaks),
                               "vendor_bf16_gflops": peaks[0]["vendor_bf16_gflops"]}
+    # MFU against the matmul peak of the precision the runs used (bf16 and fp16 share a peak).
+    peak_key = "fp32_gflops" if choice.name == "fp32" else "bf16_gflops"
+    results["matmul_peak"]["used"] = peak_key
     flops = results["flops"]["total"]
     for side in ("ours", "openclip"):
         samples_per_s = results["train"][side]["samples_per_s"]
         results["train"][side]["model_gflops_per_s"] = samples_per_s * flops / 1e9
         results["train"][side]["mfu"] = mfu(
-            samples_per_s, flops, results["matmul_peak"]["bf16_gflops"] * 1e9)
+            samples_per_s, flops, results["matmul_peak"][peak_key] * 1e9)
     results["machine"]["load_average_1min_end"] = machine.load_average()
     results["seconds"] = time.perf_counter() - started
     return results

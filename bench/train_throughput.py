@@ -64,7 +64,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, overrides: tuple[str, ...]
         f"model.name={args.model}", f"data.image_size={args.image_size}",
         f"train.steps={args.steps}", f"train.run_dir={run_dir}", f"engine.device={args.device}",
         f"optim.lr={args.lr}", f"optim.warmup_steps={args.lr_warmup}", "log.every=1",
-        "log.progress_bar=false", *overrides,
+        "log.progress_bar=false", f"engine.precision={args.precision_name}", *overrides,
     ]
     _run(cmd, workdir / "ours.log")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -82,7 +82,7 @@ def run_openclip(args: argparse.Namespace, workdir: Path) -> dict:
         "--train-data", args.shards, "--dataset-type", "webdataset",
         "--train-num-samples", str(args.steps * args.batch), "--epochs", "1",
         "--model", OPENCLIP_NAMES[args.model], "--batch-size", str(args.batch),
-        "--workers", str(args.workers), "--precision", "amp_bf16", "--device", args.device,
+        "--workers", str(args.workers), "--precision", OPENCLIP_PRECISION[args.precision_name], "--device", args.device,
         "--lr", str(args.lr), "--warmup", str(args.lr_warmup), "--wd", "0.2",
         "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--log-every-n-steps", "1", "--save-frequency", "0", "--report-to", "",
@@ -92,6 +92,10 @@ def run_openclip(args: argparse.Namespace, workdir: Path) -> dict:
     output = _run(cmd, workdir / "openclip.log", env={**os.environ, "HF_HUB_OFFLINE": "1"})
     steps = [(float(t), float(loss)) for t, loss in _OPENCLIP_STEP.findall(output)]
     return _summary([t for t, _ in steps], [loss for _, loss in steps], args.batch, args.warmup)
+
+
+# Our precision names -> open_clip_train's --precision values for the same arithmetic.
+OPENCLIP_PRECISION = {"bf16": "amp_bf16", "fp16": "amp", "fp32": "fp32"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--lr-warmup", type=int, default=10, help="learning-rate warm-up steps")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="both trainers' precision; auto = chosen from the hardware, as "
+                             "the trainer does (so ratios mean the same on every machine)")
     parser.add_argument("--ablate", action="store_true",
                         help="also run ours with optim.fused=false (the fused AdamW's effect)")
 

@@ -8,6 +8,7 @@ dataset readers (eval.datasets), which know what to say about it.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -15,19 +16,21 @@ from typing import Literal
 import torch
 
 from data_pipeline.errors import UserError
+from training.parallel.precision import choose_precision
 
-PrecisionName = Literal["fp32", "bf16"]
+PrecisionName = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass
 class InferenceConfig:
     """batch_size: images (or texts) per forward pass. workers: dataloader processes decoding
-    images. precision: fp32 (default, exact and comparable across machines) or bf16 autocast.
+    images. precision: auto (default: bf16 autocast where the hardware has native bf16, as the
+    trainer chooses; fp32 elsewhere), fp32 (exact and comparable across machines) or bf16.
     max_images: cap on images per dataset (None = all), for quick looks; results then say so."""
 
     batch_size: int = 256
     workers: int = 2
-    precision: PrecisionName = "fp32"
+    precision: PrecisionName = "auto"
     device: str = "auto"
     max_images: int | None = None
 
@@ -36,12 +39,17 @@ class InferenceConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
-        if self.precision not in ("fp32", "bf16"):
-            raise UserError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.max_images is not None and self.max_images < 1:
             raise UserError(f"--max-images must be >= 1, got {self.max_images}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        choice = choose_precision(self.precision, device_type)
+        if choice.warning:
+            print(choice.warning, file=sys.stderr, flush=True)
+        self.precision = choice.name  # resolved: results record what actually ran
 
 
 @dataclass

@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("inference")
     run.add_argument("--batch-size", type=int, default=256)
     run.add_argument("--workers", type=int, default=2)
-    run.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                     help="auto: bf16 where the hardware has it natively, else fp32")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if any)")
     run.add_argument("--max-images", type=int, help="cap per dataset, for a quick look")
     out = p.add_argument_group("output")

@@ -260,7 +260,7 @@ def test_in_training_hook_matches_the_demo_suite(trained_run, demo_shards):
                             "zeroshot/demo_val/acc1"}
     # The same images through the eval job give the same numbers.
     trained.model.eval()
-    results = evaluate_demo(trained, demo_shards, InferenceConfig(workers=0, max_images=32))
+    results = evaluate_demo(trained, demo_shards, InferenceConfig(workers=0, max_images=32, precision="fp32"))
     by_name = {r.dataset: r.metrics for r in results if r.task == "zeroshot_classification"}
     assert metrics["zeroshot/demo_heldout/acc1"] == pytest.approx(by_name["demo_heldout"]["acc1"])
     heldout = by_name["demo_heldout"]

@@ -123,3 +123,19 @@ def test_shard_without_usable_samples_stops_with_its_name(corpus, tmp_path):
     result = _run("training.main", *args, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "00000.tar" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_precision_is_chosen_from_the_hardware_and_recorded(corpus, tmp_path):
+    """One real run with the default precision (auto): the header says what was chosen and why,
+    and the checkpoint records it (tests/test_precision.py covers the choice logic)."""
+    from training.parallel.precision import choose_precision
+
+    run_dir = tmp_path / "run"
+    result = _run("training.main", *_train_args(corpus, run_dir, "train.steps=2"))
+    assert result.returncode == 0, result.stderr
+    expected = choose_precision("auto", "cpu")
+    assert f"precision {expected.name} ({expected.reason})" in result.stdout
+    state = torch.load(ckpt.latest_checkpoint(run_dir), weights_only=True)
+    assert state["config"]["precision_choice"] == {
+        "requested": "auto", "name": expected.name, "reason": expected.reason, "warning": None}
+    assert state["config"]["engine"]["precision"] == expected.name

@@ -29,6 +29,7 @@ from training.model import build_model
 from training.model.configs import MODEL_CONFIGS, ClipModelConfig, for_siglip, with_tokenizer
 from training.optim import build_optimizer
 from training.parallel.engines import build_engine
+from training.parallel.precision import choose_precision
 from training.parallel.process_group import setup_distributed, teardown_distributed
 from training.run_config import CheckpointConfig, RunConfig, load_run_config
 from training.run_log import RunLog
@@ -117,13 +118,18 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
         model_cfg = build_model_config(cfg, tokenizer)
         model = build_model(model_cfg)
         optimizer = build_optimizer(model, cfg.optim)
+        choice = choose_precision(cfg.engine.precision, env.device.type)
+        if choice.warning and env.is_main:
+            print(choice.warning, file=sys.stderr, flush=True)
+        engine_cfg = dataclasses.replace(cfg.engine, precision=choice.name)
         run_dir = Path(cfg.train.run_dir)
-        config_dict = {**to_dict(cfg), "model_config": to_dict(model_cfg)}
+        config_dict = {**to_dict(cfg), "engine": to_dict(engine_cfg),
+                       "precision_choice": to_dict(choice), "model_config": to_dict(model_cfg)}
         resume_from = resolve_resume(cfg.checkpoint, run_dir)
 
         global_batch = cfg.data.batch_size * env.world_size * cfg.train.accum_steps
         engine = build_engine(
-            cfg.engine, model, optimizer, env, grad_clip=cfg.optim.grad_clip,
+            engine_cfg, model, optimizer, env, grad_clip=cfg.optim.grad_clip,
             micro_batch=cfg.data.batch_size, accum_steps=cfg.train.accum_steps,
         )
         progress, data_state, wandb_id = Progress(), None, None
@@ -148,7 +154,7 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
                 log.message(
                     f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters; "
                     f"{env.world_size} rank(s) on {env.device}; global batch {global_batch}; "
-                    f"{total_steps} steps; precision {cfg.engine.precision}; "
+                    f"{total_steps} steps; precision {choice.name} ({choice.reason}); "
                     f"engine {cfg.engine.name}"
                 )
             return train(

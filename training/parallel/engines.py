@@ -33,7 +33,7 @@ class EngineConfig:
     """How the model is run: the `[engine]` section of a run."""
 
     name: Literal["ddp", "deepspeed"] = "ddp"
-    precision: PrecisionName = "bf16"
+    precision: PrecisionName = "auto"  # chosen from the hardware: see parallel/precision.py
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     # "fused": scaled_dot_product_attention's flash/memory-efficient kernels; "math": plain
@@ -58,7 +58,8 @@ def build_engine(
     cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer, env: Distributed,
     *, grad_clip: float, micro_batch: int, accum_steps: int,
 ):
-    """Wrap `model` for this run: attention kernel, device, DDP or DeepSpeed, compile."""
+    """Wrap `model` for this run: attention kernel, device, DDP or DeepSpeed, compile.
+    `cfg.precision` must be resolved already (`choose_precision`)."""
     model.set_fused_attention(
         cfg.attention == "fused" or (cfg.attention == "auto" and env.device.type == "cuda")
     )
