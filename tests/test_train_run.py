@@ -139,3 +139,28 @@ def test_precision_is_chosen_from_the_hardware_and_recorded(corpus, tmp_path):
     assert state["config"]["precision_choice"] == {
         "requested": "auto", "name": expected.name, "reason": expected.reason, "warning": None}
     assert state["config"]["engine"]["precision"] == expected.name
+
+
+def test_architectures_from_tables_and_openclip_json_train_and_reload(corpus, tmp_path):
+    """No Python needed for a new architecture: [model.vision]/[model.text] tables, or an
+    OpenCLIP model-config JSON as it is; eval rebuilds either from the checkpoint alone."""
+    tables = ("model.name=tiny", "model.embed_dim=64", "model.vision.width=64",
+              "model.vision.layers=2", "model.vision.heads=2", "model.vision.patch_size=8",
+              "model.text.width=64", "model.text.layers=1", "model.text.heads=2",
+              "model.text.context_length=24")
+    openclip_json = tmp_path / "tiny-vit.json"
+    openclip_json.write_text(json.dumps({
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2,
+                     "layers": 1},
+    }))
+    for name, extra in (("tables", tables), ("json", (f"model.openclip_config={openclip_json}",))):
+        run_dir = tmp_path / name
+        result = _run("training.main", *_train_args(corpus, run_dir, "train.steps=2", *extra))
+        assert result.returncode == 0, result.stderr
+        trained = load_trained_model(ckpt.latest_checkpoint(run_dir))
+        assert trained.model_config.embed_dim == 64
+        assert len(trained.model.visual.trunk.blocks) == 2 and len(trained.model.text.blocks) == 1
+        # the tokenizer follows the shorter text tower
+        assert trained.tokenizer.context_length == trained.model_config.text.context_length == 24

@@ -26,7 +26,7 @@ from training.data import DataError, build_train_loader
 from training.data.sources import SOURCE_SEPARATOR
 from training.losses import build_loss
 from training.model import build_model
-from training.model.configs import MODEL_CONFIGS, ClipModelConfig, for_siglip, with_tokenizer
+from training.model.configs import ClipModelConfig, for_siglip, with_tokenizer
 from training.optim import build_optimizer
 from training.parallel.engines import build_engine
 from training.parallel.precision import choose_precision
@@ -55,21 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> ClipModelConfig:
-    """The named architecture, fitted to the tokenizer, the data's image size and run options."""
-    model_cfg = with_tokenizer(MODEL_CONFIGS[cfg.model.name](), tokenizer)
-    vision = dataclasses.replace(
-        model_cfg.vision,
-        image_size=cfg.data.image_size,
-        patch_dropout=cfg.model.patch_dropout,
-        pretrained_path=cfg.model.image_pretrained_path,
-    )
-    model_cfg = dataclasses.replace(
-        model_cfg,
-        vision=vision,
-        lock_image=cfg.model.lock_image,
-        lock_text=cfg.model.lock_text,
-        grad_checkpointing=cfg.model.grad_checkpointing,
-    )
+    """The chosen architecture, fitted to the tokenizer, the data's image size and run options.
+    A text tower shorter than the tokenizer's context makes the tokenizer truncate to it."""
+    try:
+        model_cfg = cfg.model.architecture(cfg.data.image_size)
+    except ValueError as exc:
+        raise UserError(f"model: {exc}") from None
+    if model_cfg.text.context_length < tokenizer.context_length:
+        tokenizer.context_length = model_cfg.text.context_length
+    model_cfg = with_tokenizer(model_cfg, tokenizer)
     if cfg.loss.name == "siglip" and model_cfg.init_logit_bias is None:
         model_cfg = for_siglip(model_cfg)
     return model_cfg
@@ -152,7 +146,7 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
             if env.is_main:
                 n_params = sum(p.numel() for p in model.parameters())
                 log.message(
-                    f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters; "
+                    f"model {cfg.model.label()}: {n_params / 1e6:.2f}M parameters; "
                     f"{env.world_size} rank(s) on {env.device}; global batch {global_batch}; "
                     f"{total_steps} steps; precision {choice.name} ({choice.reason}); "
                     f"engine {cfg.engine.name}"

@@ -14,30 +14,9 @@ from training.data import DataConfig
 from training.data.sources import SOURCE_SEPARATOR
 from training.parallel.engines import EngineConfig
 from training.losses import LossConfig
+from training.model.choice import ModelChoice
 from training.optim import OptimConfig
 from training.run_log import LogConfig
-
-
-@dataclass
-class ModelChoice:
-    """A named architecture from training.model.configs plus the options users toggle per run."""
-
-    name: str = "tiny"
-    image_pretrained_path: str | None = None  # local timm-format weights for the image tower
-    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped while training
-    lock_image: bool = False  # LiT: freeze the image tower
-    lock_text: bool = False
-    grad_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        from training.model.configs import MODEL_CONFIGS
-
-        if self.name not in MODEL_CONFIGS:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
-        if not 0.0 <= self.patch_dropout < 1.0:
-            raise ValueError(f"model.patch_dropout must lie in [0, 1), got {self.patch_dropout}")
-        if self.lock_image and self.lock_text:
-            raise ValueError("model.lock_image and model.lock_text together leave nothing to train")
 
 
 @dataclass
