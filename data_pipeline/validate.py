@@ -6,15 +6,19 @@ Opens every N.tar in DIR and checks that the tar is whole (not truncated), that 
 an image that decodes and a non-empty UTF-8 caption (.txt) -- the trainer's own test of a usable
 sample, from data_pipeline.shard_format -- that each .json parses, and that
 sizes.json lists every tar with its true sample count. If DIR is a demo corpus (it holds train/,
-val/, heldout/), each of those folders is checked. Every problem is printed with its shard and
-sample key. Exit status: 0 all good, 1 problems found, 2 DIR is not a shard folder.
+val/, heldout/), each of those folders is checked. Problems are printed with their shard and
+sample key, those with a whole shard or sizes.json first; past 50 per folder a count per kind
+stands in for the rest (--all prints every one). Exit status: 0 all good, 1 problems found, 2 DIR
+is not a shard folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
@@ -31,12 +35,19 @@ MAX_PRINTED_PROBLEMS = 50  # per folder; a broken writer can produce one problem
 @dataclass(frozen=True)
 class Problem:
     shard: str
-    key: str | None
+    key: str | None  # None: the shard (or sizes.json) itself, not one sample
     message: str
 
     def __str__(self) -> str:
         where = f"{self.shard} {self.key}" if self.key else self.shard
         return f"{where}: {self.message}"
+
+    @property
+    def kind(self) -> str:
+        """The message without its particulars, for the per-kind summary."""
+        text = re.sub(r"^\w+: ", "", self.message) if self.key else self.message
+        text = text.split(" (")[0]
+        return re.sub(r"\d+", "N", text)
 
 
 @dataclass
@@ -115,12 +126,20 @@ def folders_to_check(root: str) -> list[str]:
     return folders
 
 
-def print_report(report: FolderReport, out: TextIO) -> None:
-    for problem in report.problems[:MAX_PRINTED_PROBLEMS]:
+def print_report(report: FolderReport, out: TextIO, show_all: bool = False) -> None:
+    """Shard-level problems first (a truncated tar, a sizes.json that disagrees: the ones that
+    matter most), then samples; beyond MAX_PRINTED_PROBLEMS lines a count per kind stands in
+    for the rest unless `show_all`."""
+    ordered = sorted(report.problems, key=lambda p: p.key is not None)  # stable: shard order kept
+    shown = ordered if show_all else ordered[:MAX_PRINTED_PROBLEMS]
+    for problem in shown:
         print(f"  {problem}", file=out)
-    hidden = len(report.problems) - MAX_PRINTED_PROBLEMS
+    hidden = len(ordered) - len(shown)
     if hidden > 0:
-        print(f"  ... and {hidden} more problems", file=out)
+        print(f"  ... and {hidden} more problems (--all prints every one); by kind:", file=out)
+        kinds = Counter(p.kind for p in ordered)
+        for kind, count in kinds.most_common():
+            print(f"    {count:6d} x {kind}", file=out)
     verdict = "OK" if not report.problems else f"{len(report.problems)} PROBLEMS"
     print(f"{report.folder}: {report.shards} shards, {report.samples} samples: {verdict}", file=out)
 
@@ -133,10 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dir", help="shard folder, or a demo corpus root holding train/ val/ heldout/")
+    parser.add_argument("--all", action="store_true",
+                        help=f"print every problem (default: the first {MAX_PRINTED_PROBLEMS} per "
+                             "folder, shard-level ones first, then a count per kind)")
     args = parser.parse_args(argv)
     reports = [validate_folder(folder) for folder in folders_to_check(args.dir)]
     for report in reports:
-        print_report(report, sys.stdout)
+        print_report(report, sys.stdout, show_all=args.all)
     broken = sum(len(r.problems) for r in reports)
     if broken:
         print(f"validation failed: {broken} problems in {args.dir}", file=sys.stderr)

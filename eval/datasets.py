@@ -109,11 +109,38 @@ _CIFAR = {
 }
 
 
+# What a CIFAR batch may reference: numpy's array reconstruction (the module moved to numpy._core
+# in numpy 2; protocol 5 pickles rebuild from a buffer), and codecs.encode, which protocol-2
+# pickles written by Python 3 use to rebuild bytes. The containers, str and numbers need no
+# lookup at all.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Plain `pickle.load` runs whatever a file names (a crafted `cifar-10-batches-py/` ran a
+    shell command); this one admits numpy arrays and builtin data only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    # The CIFAR files are Python 2 pickles of dicts with bytes keys. Unpickling runs code from
-    # the file, as torchvision's reader does too: only point this at the official archives.
-    with open(path, "rb") as handle:
-        data = pickle.load(handle, encoding="bytes")
+    """A CIFAR batch (a Python 2 pickle of a dict with bytes keys), read without running code."""
+    try:
+        with open(path, "rb") as handle:
+            data = _CifarUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: not a CIFAR batch file ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a CIFAR batch file (holds a {type(data).__name__})")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
 
 

@@ -6,8 +6,9 @@ function or a functools.partial of one), because dataloader workers receive it.
 
 Unlike the train loader this needs no caption: ImageNet shards carry only .cls labels. Shards
 are read and samples judged by `data_pipeline.shard_format`, as everywhere. Undecodable samples
-are skipped and counted in a warning, never fatal; a shard that cannot be read at all is an error
-(a wrong path or a broken download should not shrink a test set quietly).
+are skipped and counted in a warning, never fatal, and so is a damaged (e.g. truncated) tar: the
+warning names the shard, and its samples before the damage are used, as the trainer does. A
+missing shard is an error before reading starts (`shard_urls`).
 """
 
 from __future__ import annotations
@@ -47,14 +48,17 @@ class ShardImages(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         transform = build_eval_transform(self.image_size)
-        skipped = 0
+        skipped = broken = 0
         for url in self.urls[worker::workers]:
             for raw in read_shard(url, visit=0):
                 if "__error__" in raw:
                     if raw.get("__key__"):
                         skipped += 1
-                        continue
-                    raise RuntimeError(f"{url}: {raw['__error__']}")
+                    else:  # the tar broke here: what came before it is kept, as in training
+                        broken += 1
+                        logger.warning("shard %s: %s; its samples before the damage are used",
+                                       url, raw["__error__"])
+                    continue
                 value = self.payload(raw)
                 if value is None:
                     continue
@@ -65,8 +69,9 @@ class ShardImages(IterableDataset):
                     logger.warning("skipping %s in %s: %s", raw.get("__key__"), url, skip)
                     continue
                 yield transform(image), value
-        if skipped:
-            logger.warning("%d unreadable samples skipped in %d shards", skipped, len(self.urls))
+        if skipped or broken:
+            logger.warning("%d unreadable samples skipped, %d damaged shards, of %d shards",
+                           skipped, broken, len(self.urls[worker::workers]))
 
 
 # -- payloads ------------------------------------------------------------------------------------

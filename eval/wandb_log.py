@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from eval.results import EvalResult
-from training.run_log import resolve_wandb_mode
+from training.wandb_setup import start_wandb_run
 
 WandbMode = Literal["auto", "online", "offline"]
 
@@ -51,17 +51,15 @@ class WandbSink:
         self.mode, self.run_dir, self.run = mode, run_dir, run
 
     def _open(self, checkpoint: Path) -> None:
-        import wandb  # slow to import; only when asked for
-
         meta = checkpoint_wandb_meta(checkpoint)
-        self.run = wandb.init(
+        self.run = start_wandb_run(
+            self.mode,
             project=meta["project"],
             entity=meta["entity"],
             id=meta["id"],
             resume="allow" if meta["id"] else None,
             name=None if meta["id"] else f"{self.run_dir.name}-eval",
             dir=str(self.run_dir),
-            mode=resolve_wandb_mode(self.mode),
         )
 
     def log(self, checkpoint: Path, step: int, results: list[EvalResult]) -> None:

@@ -4,6 +4,7 @@ small shared-memory op the first time)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,27 @@ def test_zero2_bf16_run_resumes_from_its_checkpoint(corpus, tmp_path):
     torch.testing.assert_close(
         torch.tensor(losses(split)), torch.tensor(losses(straight)), rtol=2e-2, atol=2e-2
     )
+
+
+def test_user_json_and_the_run_have_one_precision(tmp_path):
+    """engine.deepspeed_config used to override the run's precision silently while the log and
+    checkpoint recorded the run's; now a JSON that disagrees is an error, one that is silent
+    gets the run's precision."""
+    from data_pipeline.errors import UserError
+    from training.parallel.deepspeed_engine import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    geometry = dict(micro_batch=4, accum_steps=1, grad_clip=1.0)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    with pytest.raises(UserError, match="sets precision bf16 but engine.precision is fp32"):
+        deepspeed_config(str(path), 1, "fp32", **geometry)
+    agreed = deepspeed_config(str(path), 1, "bf16", **geometry)
+    assert agreed["bf16"]["enabled"] and not agreed["fp16"]["enabled"]
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    silent = deepspeed_config(str(path), 1, "fp16", **geometry)
+    assert silent["fp16"]["enabled"] and not silent["bf16"]["enabled"]
+    assert silent["zero_optimization"] == {"stage": 2}
+    # ZeRO-0 outside fp16 has no overflow check: refused, not trained on.
+    with pytest.raises(UserError, match="never skips a non-finite step"):
+        deepspeed_config("", 0, "fp32", **geometry)
+    assert deepspeed_config("", 0, "fp16", **geometry)["fp16"]["enabled"]

@@ -216,3 +216,27 @@ def test_retrieval_shards_take_every_caption_line(tmp_path):
     ds = load_retrieval_shards(str(tmp_path / "flickr"), 16)
     assert ds.name == "flickr"
     assert [caps for _, caps in ds.images] == [["a dog runs", "a brown dog"], ["one", "two"]]
+
+
+class _RunsCode:
+    """What a crafted pickle does: name a callable (here `os.system`) to be called on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_folder_cannot_run_code(tmp_path):
+    folder = write_fake_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({b"labels": [0], b"data": _RunsCode(marker)}, handle, protocol=2)
+    with pytest.raises(UserError, match=r"test_batch: not a CIFAR batch file \(refusing to load"):
+        load_cifar("cifar10", tmp_path, 32)
+    assert not marker.exists()
+    # the genuine format (numpy arrays, lists, bytes) still reads
+    write_fake_cifar10(tmp_path / "ok")
+    assert len(load_cifar("cifar10", tmp_path / "ok", 32).test) == 20

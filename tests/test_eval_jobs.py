@@ -275,3 +275,52 @@ def test_missing_dataset_is_one_line_on_the_cli(run_cli, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --cifar10 ")
     assert "cifar-10-batches-py" in lines[0] and "Traceback" not in result.stderr
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_truncated_and_hostile_checkpoints_are_one_line_everywhere(trained_run, demo_shards,
+                                                                    run_cli, tmp_path):
+    good = _checkpoint(trained_run, 6)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format_version": 1, "model": _RunsCode(marker)}, hostile)
+    for bad in (truncated, hostile):
+        commands = [
+            ("eval.run", "--checkpoint", str(bad), "--demo", str(demo_shards), "--workers", "0"),
+            ("eval.search", "--checkpoint", str(bad), "--shards", str(demo_shards / "val"),
+             "--no-cache", "a red circle"),
+            ("training.interop.export", "--checkpoint", str(bad), "--out", str(tmp_path / "x")),
+            ("training.main", "--config", "configs/tiny_demo.toml",
+             f"data.train_shards={demo_shards / 'train'}", f"train.run_dir={tmp_path / 'r'}",
+             f"tokenizer={trained_run.parent / 'tokenizer.json'}", f"checkpoint.resume={bad}"),
+        ]
+        for command in commands:
+            result = run_cli(*command)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2, (command[0], result.stderr[-2000:])
+            assert lines[-1].startswith(f"error: {bad}: not a loadable checkpoint"), (command[0], lines)
+            assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+    assert not marker.exists()
+
+
+def test_search_on_a_truncated_shard_names_it_and_goes_on(trained_run, demo_shards, run_cli,
+                                                          tmp_path):
+    shards = tmp_path / "val"
+    shards.mkdir()
+    source = demo_shards / "val" / "00000.tar"
+    (shards / "00000.tar").write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    result = run_cli("eval.search", "--checkpoint", str(_checkpoint(trained_run, 6)),
+                     "--shards", str(shards), "--no-cache", "--workers", "0", "a red circle")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"shard {shards / '00000.tar'}: unreadable tar" in result.stderr

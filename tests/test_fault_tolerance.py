@@ -8,24 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from training import checkpoint as ckpt
-from trainer_cli import REPO_ROOT, subprocess_env, train_args, writable_corpus
-
-
-def _wait_for(condition, timeout: float, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended (status {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+from trainer_cli import REPO_ROOT, subprocess_env, train_args, wait_for, writable_corpus
 
 
 def test_checkpoint_writer_killed_mid_write_leaves_the_previous_one_loadable(tmp_path):
@@ -43,7 +32,7 @@ def test_checkpoint_writer_killed_mid_write_leaves_the_previous_one_loadable(tmp
     def writing() -> bool:
         return any(p.stat().st_size > 1_000_000 for p in folder.glob(".tmp_*"))
 
-    _wait_for(writing, 120, proc, "the write to start")
+    wait_for(writing, 120, proc, "the write to start")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001.pt"]
@@ -68,7 +57,7 @@ def test_rank_killed_with_sigkill_restarts_and_resumes_from_the_last_checkpoint(
     )
     try:
         first = ckpt.checkpoint_dir(run_dir) / "step_00000004.pt"
-        _wait_for(first.is_file, 240, agent, "the first checkpoint")
+        wait_for(first.is_file, 240, agent, "the first checkpoint")
         victim = _rank_process(agent.pid, rank=1)
         victim.send_signal(signal.SIGKILL)
         assert agent.wait(timeout=400) == 0, (tmp_path / "torchrun.log").read_text()[-4000:]

@@ -164,3 +164,64 @@ def test_architectures_from_tables_and_openclip_json_train_and_reload(corpus, tm
         assert len(trained.model.visual.trunk.blocks) == 2 and len(trained.model.text.blocks) == 1
         # the tokenizer follows the shorter text tower
         assert trained.tokenizer.context_length == trained.model_config.text.context_length == 24
+
+
+def test_wandb_key_without_network_falls_back_to_offline_in_seconds(corpus, tmp_path):
+    """A configured key and no way to W&B's server: one line, offline logging, the run goes on;
+    the key appears nowhere in the output. The "server" is a closed port on 127.0.0.1."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from trainer_cli import REPO_ROOT, subprocess_env
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    key = "0123456789abcdef0123456789abcdef01234567"
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("WANDB_")}
+    env.update(WANDB_API_KEY=key, WANDB_BASE_URL=f"http://127.0.0.1:{port}",
+               WANDB_DIR=str(tmp_path), HOME=str(tmp_path))
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "training.main", *_train_args(corpus, run_dir, "train.steps=2",
+                                                              "log.wandb=true")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "server does not answer; logging offline" in output
+    assert key not in output and "Traceback" not in output
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run was written"
+    assert time.monotonic() - started < 120  # was ~107 s of waiting before failing
+
+
+def test_fresh_resume_and_skipped_samples_are_said_in_one_line_each(corpus, tmp_path):
+    # checkpoint.resume=latest in an empty run folder starts afresh, and says so.
+    result = _run("training.main", *_train_args(corpus, tmp_path / "run", "train.steps=1",
+                                                  "checkpoint.resume=latest"))
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if "checkpoint.resume=latest" in line]
+    assert len(said) == 1 and "starting from step 0" in said[0]
+
+    # A shard with unreadable samples: the epoch still counts sizes.json's samples; say so once.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    source = sorted((corpus / "train").glob("*.tar"))[0]
+    with tarfile.open(source) as good, tarfile.open(shards / "00000.tar", "w") as out:
+        for member in good.getmembers()[:150]:  # 50 samples
+            data = good.extractfile(member).read()
+            if member.name.endswith(".jpg") and int(member.name.split(".")[0][-2:]) % 5 == 0:
+                data = b"not a jpeg"
+            member.size = len(data)
+            out.addfile(member, io.BytesIO(data))
+    (shards / "sizes.json").write_text(json.dumps({"00000.tar": 50}))
+    args = _train_args(corpus, tmp_path / "run2", "train.steps=3", f"tokenizer={corpus / 'tokenizer.json'}")
+    args = [a if not a.startswith("data.train_shards=") else f"data.train_shards={shards}" for a in args]
+    result = _run("training.main", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "unreadable samples skipped" in notes[0] and "50 samples" in notes[0]

@@ -143,3 +143,66 @@ def test_not_a_shard_folder_is_one_line(tmp_path, run_cli, make):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_member_declaring_a_terabyte_is_a_corrupt_shard_not_a_memory_error(train_copy, capsys):
+    """A GNU base-256 size field may declare any size; reading it whole used to raise
+    MemoryError. Validate and the trainer's reader both call the shard corrupt."""
+    from data_pipeline.shard_format import read_shard
+
+    tar = train_copy / "00001.tar"
+    header = tarfile.TarInfo("0000100.jpg")
+    header.size = 1 << 40
+    block = header.tobuf(format=tarfile.GNU_FORMAT)
+    assert block[124] & 0x80  # the size really is in base-256
+    tar.write_bytes(block + b"\xff" * 2048)  # then the file ends
+
+    assert validate_main([str(train_copy)]) == 1
+    out = capsys.readouterr().out
+    assert "00001.tar: unreadable tar" in out and "declares 1099511627776 bytes" in out
+    items = list(read_shard(str(tar)))
+    assert items[-1]["__error__"].startswith("unreadable tar")
+
+
+def test_shard_problems_come_first_and_the_rest_is_counted_by_kind(train_copy, capsys):
+    # 60 captions emptied in shard 00000 and a truncated shard 00003 later in the listing.
+    tar = train_copy / "00000.tar"
+    members = [(i, b"" if i.name.endswith(".txt") else d) for i, d in _members(tar)][:180]
+    _rewrite(tar, members)
+    last = train_copy / "00003.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+
+    assert validate_main([str(train_copy)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    problem_lines = [line for line in lines if line.startswith("  ") and not line.startswith("    ")
+                     and not line.startswith("  ...")]
+    is_shard_level = [" " not in line.strip().split(":")[0] for line in problem_lines]
+    first_sample = is_shard_level.index(False)
+    assert all(is_shard_level[:first_sample]) and not any(is_shard_level[first_sample:])
+    shard_lines = problem_lines[:first_sample]
+    assert any(line.startswith("  00003.tar: unreadable tar") for line in shard_lines)
+    assert any(line.startswith("  00000.tar: sizes.json says") for line in shard_lines)
+    assert len(problem_lines) == 50
+    summary = "\n".join(lines)
+    assert "more problems (--all prints every one)" in summary
+    assert "x empty caption" in summary
+
+    assert validate_main([str(train_copy), "--all"]) == 1
+    everything = capsys.readouterr().out
+    assert everything.count(": empty caption (.txt)") == 60 and "more problems" not in everything
+
+
+def test_validate_and_trainer_agree_on_a_caption_that_is_not_utf8(train_copy, capsys):
+    from data_pipeline.shard_format import BadSample, decode_caption, read_shard
+
+    tar = train_copy / "00002.tar"
+    members = _members(tar)
+    victim = _first_key(tar)
+    members = [(i, b"caf\xe9 \xff" if i.name == f"{victim}.txt" else d) for i, d in members]
+    _rewrite(tar, members)
+
+    assert validate_main([str(train_copy)]) == 1
+    assert f"00002.tar {victim}: caption (.txt) is not UTF-8" in capsys.readouterr().out
+    raw = next(r for r in read_shard(str(tar)) if r["__key__"] == victim)
+    with pytest.raises(BadSample, match="not UTF-8"):  # the trainer's decode skips it
+        decode_caption(raw)

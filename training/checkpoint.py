@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.errors import UserError
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -79,12 +81,35 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     return target
 
 
+class CheckpointError(UserError):
+    """A file that is not a loadable checkpoint of ours (one line: names the file, says why)."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    version = state.get("format_version")
+    """Our checkpoint at `path`, loaded with weights_only=True: a file holding code (a pickled
+    object) is refused, never run. Truncated, garbled or foreign files raise CheckpointError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged or hostile files
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({_short_reason(exc)})") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})"
+        )
     return state
+
+
+def _short_reason(exc: Exception) -> str:
+    """The first line of torch's message, without its advice to load with weights_only=False
+    (which would execute whatever the file holds)."""
+    text = str(exc).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain data, which are never unpickled here"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def capture_rng() -> dict[str, Any]:

@@ -32,7 +32,7 @@ from training.parallel.engines import build_engine
 from training.parallel.precision import choose_precision
 from training.parallel.process_group import setup_distributed, teardown_distributed
 from training.run_config import CheckpointConfig, RunConfig, load_run_config
-from training.run_log import RunLog
+from training.run_log import RunLog, never_raising_output
 from training.text.tokenizer import Tokenizer
 from training.train import (
     NonFiniteLossError,
@@ -128,6 +128,9 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
         )
         progress, data_state, wandb_id = Progress(), None, None
         messages = _Messages(env.is_main)
+        if resume_from is None and cfg.checkpoint.resume == "latest":
+            messages.message(f"checkpoint.resume=latest: no checkpoint in "
+                             f"{ckpt.checkpoint_dir(run_dir)} yet, so starting from step 0")
         if resume_from is not None:
             progress, data_state, state = restore_from_checkpoint(engine, resume_from, env, messages)
             wandb_id = state.get("wandb_run_id")
@@ -183,7 +186,8 @@ class _Messages:
 
     def message(self, text: str) -> None:
         if self.is_main:
-            print(text, flush=True)
+            with never_raising_output():
+                print(text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,17 @@ its checkpoint, so its curves continue the same W&B run instead of starting a ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from tqdm import tqdm
+
+from training.wandb_setup import start_wandb_run
 
 
 @dataclass
@@ -32,13 +36,26 @@ class LogConfig:
             raise ValueError(f"log.every must be >= 1, got {self.every}")
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """"auto" = online when an API key is configured, offline otherwise (`wandb sync` later);
-    the one decision shared by the trainer and the eval jobs."""
-    if mode != "auto":
-        return mode
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
-    return "online" if has_key else "offline"
+@contextlib.contextmanager
+def never_raising_output() -> Iterator[None]:
+    """Console output that can never stop the run. `trainer | tee log` under a signal to the
+    whole process group (Ctrl-C, scancel, SLURM pre-emption) kills the reader first, and the next
+    print raises BrokenPipeError, which used to end the run before its stop checkpoint. A broken
+    stream is pointed at /dev/null (Python's documented recipe), so later writes, and the
+    interpreter's final flush, go nowhere instead of raising; metrics.jsonl is unaffected."""
+    try:
+        yield
+    except (BrokenPipeError, ConnectionResetError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ConnectionResetError, ValueError):
+                try:
+                    os.dup2(devnull, stream.fileno())
+                except (OSError, ValueError):
+                    pass
+        os.close(devnull)
 
 
 class RunLog:
@@ -65,16 +82,14 @@ class RunLog:
         if cfg.progress_bar:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if cfg.wandb:
-            import wandb  # imported lazily: it is slow to import and optional
-
-            self.wandb_run = wandb.init(
+            self.wandb_run = start_wandb_run(
+                cfg.wandb_mode,
                 project=cfg.wandb_project,
                 entity=cfg.wandb_entity,
                 name=cfg.run_name or run_dir.name,
                 tags=cfg.tags,
                 config=config,
                 dir=str(run_dir),
-                mode=resolve_wandb_mode(cfg.wandb_mode),
                 id=wandb_run_id,
                 resume="allow" if wandb_run_id else None,
             )
@@ -92,19 +107,22 @@ class RunLog:
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
-            self._bar.update(steps)
+            with never_raising_output():
+                self._bar.update(steps)
 
     def message(self, text: str) -> None:
         if not self.is_main:
             return
-        if self._bar is not None:
-            self._bar.write(text)
-        else:
-            print(text, flush=True)
+        with never_raising_output():
+            if self._bar is not None:
+                self._bar.write(text)
+            else:
+                print(text, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
+            with never_raising_output():
+                self._bar.close()
         if self._file is not None:
             self._file.close()
         if self.wandb_run is not None:

@@ -233,6 +233,7 @@ def train(
             log.message(f"checkpoint: {path}")
 
     first_step = progress.step
+    said_skips = False
     marker = run_dir / "finished.json"
     if env.is_main and progress.step < total_steps and marker.exists():
         marker.unlink()  # resumed with steps left (e.g. a longer schedule): no longer finished
@@ -262,6 +263,13 @@ def train(
                     steps_per_epoch=loader.steps_per_epoch(global_batch),
                 ))
                 window = MetricsWindow()
+                if loader.skipped_samples and not said_skips:
+                    said_skips = True
+                    log.message(
+                        f"note: {loader.skipped_samples} unreadable samples skipped so far; "
+                        f"epochs and the LR schedule count the {loader.num_samples} samples of "
+                        f"sizes.json (data.num_samples), unreadable ones included"
+                    )
 
             if evaluate and evaluate_every and progress.step % evaluate_every == 0 and env.is_main:
                 log.log(progress.step, evaluate())

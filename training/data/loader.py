@@ -23,10 +23,15 @@ for logging and schedules.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import logging
 import math
+import multiprocessing
+import os
 import random
 import signal
+import sys
 import weakref
 from dataclasses import dataclass
 from itertools import count
@@ -53,6 +58,7 @@ Tokenize = Callable[[str], Sequence[int]]
 _DATA_ERROR_KEY = "__data_error__"
 # How many skipped samples each worker logs with their reason before it goes quiet.
 _SKIPS_LOGGED_PER_WORKER = 5
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -213,7 +219,7 @@ class TrainLoader:
             num_workers=cfg.workers,
             persistent_workers=cfg.workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_init_worker,
         )
         self._iterator: Iterator[dict[str, Any]] | None = None
         _track_for_exit(self)
@@ -295,12 +301,30 @@ def build_train_loader(
     return TrainLoader(cfg, tokenize, pad_id, rank=rank, world_size=world_size, state=state)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """SLURM sends SIGTERM (scancel, time limit) or its USR1 warning to every process of a job
     step, workers included. A worker that dies of it makes the trainer crash before its last
-    checkpoint; the trainer stops its workers itself once it has saved, so they ignore both."""
+    checkpoint; the trainer stops its workers itself once it has saved, so they ignore both.
+    And a worker never outlives its trainer (`_die_with_parent`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGKILL when the trainer dies, however it dies (a
+    worker blocked on a full queue otherwise outlived a `kill -9`ed trainer). Elsewhere, torch's
+    own watchdog (a parent-alive check between batches) is all there is."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(0)
 
 
 # Loaders whose workers `_kill_loader_workers_at_exit` stops; the handler is registered when the
@@ -318,7 +342,7 @@ def _track_for_exit(loader: TrainLoader) -> None:
 
 
 def _kill_loader_workers_at_exit() -> None:
-    """The other half of `_ignore_stop_signals`. At interpreter exit multiprocessing stops daemon
+    """The other half of `_init_worker`. At interpreter exit multiprocessing stops daemon
     children with SIGTERM and then waits for them, so a trainer leaving by an exception (a dead
     peer under torchrun, a bad batch mid-run) would wait forever on workers that ignore it. A
     loader worker holds nothing worth saving: it gets SIGKILL. atexit runs the last-registered

@@ -39,12 +39,33 @@ def deepspeed_config(
                 f"{path}: remove the {' and '.join(owned)} section(s); the optimizer and LR "
                 f"schedule come from the optim section of the run config"
             )
+        # One source for precision: the run's (what the log and checkpoint record). The JSON
+        # may restate it; a JSON that says otherwise is a conflict, not a silent override.
+        says = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")]
+        json_precision = says[0] if len(says) == 1 else ("fp32" if not says else "bf16+fp16")
+        stated = [k for k in ("bf16", "fp16") if "enabled" in ds.get(k, {})]
+        if stated and json_precision != precision:
+            raise UserError(
+                f"{path} sets precision {json_precision} but engine.precision is {precision}; "
+                f"set engine.precision={json_precision} or drop the JSON's bf16/fp16 sections"
+            )
+        for half in ("bf16", "fp16"):
+            ds.setdefault(half, {})["enabled"] = precision == half
     else:
         ds = {
             "zero_optimization": {"stage": zero_stage},
             "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         }
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0 and precision != "fp16":
+        # Without ZeRO's partitioned optimizer or fp16's loss scaler nothing in DeepSpeed checks
+        # gradients for inf/NaN, so the trainer's "update skipped" would be a lie: AdamW would
+        # apply a non-finite step. Refused rather than trained on.
+        raise UserError(
+            f"DeepSpeed ZeRO stage 0 in {precision} never skips a non-finite step; use "
+            f"engine.zero_stage=1 (or 2, 3), engine.precision=fp16, or engine.name=ddp"
+        )
     half = next((k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")), None)
     if half:
         # DeepSpeed 0.19 casts parameters but keeps buffers fp32 unless told otherwise, and a
