@@ -44,20 +44,19 @@ def ensure_corpus(root: Path = ROOT) -> Path:
 def caption_lengths(pattern: str, tokenizer_path: Path) -> list[int]:
     """CLIP-BPE token counts (SOT and EOT included) of every caption in the shards: the real
     text lengths the MFU counts."""
-    import tarfile
-
     from braceexpand import braceexpand
 
+    from data_pipeline.shard_format import BadSample, decode_caption, read_shard
     from training.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_path)
     lengths = []
     for path in braceexpand(pattern):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    caption = tar.extractfile(member).read().decode("utf-8").strip()
-                    lengths.append(len(tokenizer.encode(caption)))
+        for raw in read_shard(path):
+            try:
+                lengths.append(len(tokenizer.encode(decode_caption(raw))))
+            except BadSample:
+                continue
     return lengths
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
-import tarfile
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 from PIL import Image
 
+from data_pipeline.shard_format import read_shard
 from training.data import DataConfig, build_train_loader
 from training.text.tokenizer import Tokenizer
 
@@ -34,12 +34,11 @@ DEFAULT_SHARDS = "data/bench/corpus/train/{00000..00007}.tar"
 def _jpeg_bytes(pattern: str, limit: int) -> list[bytes]:
     images: list[bytes] = []
     for path in braceexpand(pattern):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".jpg"):
-                    images.append(tar.extractfile(member).read())
-                    if len(images) == limit:
-                        return images
+        for raw in read_shard(path):
+            if "jpg" in raw:
+                images.append(raw["jpg"])
+                if len(images) == limit:
+                    return images
     return images
 
 

@@ -27,6 +27,7 @@ from eval.datasets import load_prompts
 from eval.demo import evaluate_demo, zero_shot_during_training
 from eval.watch import FINISHED_MARKER
 from test_eval_datasets import write_fake_cifar10, write_fake_cifar100
+from training import checkpoint as ckpt
 from training.model.trained import load_trained_model
 from training.data.transforms import build_eval_transform
 
@@ -294,7 +295,9 @@ def test_truncated_and_hostile_checkpoints_are_one_line_everywhere(trained_run, 
     marker = tmp_path / "code_ran"
     hostile = tmp_path / "hostile.pt"
     torch.save({"format_version": 1, "model": _RunsCode(marker)}, hostile)
-    for bad in (truncated, hostile):
+    # Every entry point on the truncated file; the hostile one through the CLI and the loader all
+    # of them share (each subprocess costs a torch import).
+    for bad, entry_points in ((truncated, 4), (hostile, 1)):
         commands = [
             ("eval.run", "--checkpoint", str(bad), "--demo", str(demo_shards), "--workers", "0"),
             ("eval.search", "--checkpoint", str(bad), "--shards", str(demo_shards / "val"),
@@ -303,13 +306,15 @@ def test_truncated_and_hostile_checkpoints_are_one_line_everywhere(trained_run, 
             ("training.main", "--config", "configs/tiny_demo.toml",
              f"data.train_shards={demo_shards / 'train'}", f"train.run_dir={tmp_path / 'r'}",
              f"tokenizer={trained_run.parent / 'tokenizer.json'}", f"checkpoint.resume={bad}"),
-        ]
+        ][:entry_points]
         for command in commands:
             result = run_cli(*command)
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 2, (command[0], result.stderr[-2000:])
             assert lines[-1].startswith(f"error: {bad}: not a loadable checkpoint"), (command[0], lines)
             assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+    with pytest.raises(ckpt.CheckpointError, match="never unpickled here"):
+        ckpt.load_checkpoint(hostile)
     assert not marker.exists()
 
 
