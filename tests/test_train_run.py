@@ -225,3 +225,23 @@ def test_fresh_resume_and_skipped_samples_are_said_in_one_line_each(corpus, tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "unreadable samples skipped" in notes[0] and "50 samples" in notes[0]
+
+
+@pytest.mark.parametrize("extra", [
+    ("loss.name=siglip",),
+    ("loss.name=soft_clip",),
+    ("loss.tiled=true", "loss.tile_size=4"),
+    ("loss.name=siglip", "loss.tiled=true", "loss.tile_size=4"),
+    ("train.accum_steps=2",),
+], ids=["siglip", "soft_clip", "tiled_clip", "tiled_siglip", "accum2"])
+def test_every_loss_and_accumulation_through_the_trainer(corpus, tmp_path, extra):
+    run_dir = tmp_path / "run"
+    result = _run("training.main", *_train_args(corpus, run_dir, "train.steps=3", *extra))
+    assert result.returncode == 0, result.stderr[-2000:]
+    values = _losses(run_dir)
+    assert len(values) == 3 and all(math.isfinite(v) for v in values)
+    state = torch.load(ckpt.latest_checkpoint(run_dir), weights_only=True)
+    accum = 2 if "train.accum_steps=2" in extra else 1
+    assert state["metrics"]["samples_seen"] == 3 * 16 * accum  # batch 16 per micro-batch
+    if "loss.name=siglip" in extra:
+        assert "logit_bias" in state["model"]  # the model got SigLIP's bias
