@@ -9,6 +9,7 @@ the command line is an int, not a string.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -124,6 +125,18 @@ def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
             raise ConfigError(f"override {dotted_key}: {part} is a value, not a table")
         node = child
     node[leaf] = value
+
+
+def read_json_file(path: str | Path, option: str) -> Any:
+    """The JSON file a config option names (`engine.deepspeed_config`, `model.openclip_config`);
+    a missing or unparsable file is one ConfigError line naming the option."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{option}: no file at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option}: {path} is not valid JSON ({exc})") from None
 
 
 def load_tree(config_path: str | Path | None, overrides: list[str]) -> dict[str, Any]:

@@ -18,10 +18,10 @@ patch-token pooling, ...). Keys that only restate OpenCLIP's defaults are accept
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from training.config_loading import read_json_file
 from training.model.configs import ClipModelConfig, TextConfig, VisionConfig
 
 # OpenCLIP's CLIPVisionCfg / CLIPTextCfg defaults for the keys we accept without using them.
@@ -61,13 +61,7 @@ def _unsupported(section: str, cfg: dict[str, Any], defaults: dict[str, Any], us
 
 
 def read_openclip_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise OpenClipConfigError(f"model.openclip_config: no file at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenClipConfigError(f"model.openclip_config: {path} is not valid JSON ({exc})") from None
+    data = read_json_file(path, "model.openclip_config")
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in data]
     if missing:
         raise OpenClipConfigError(f"{path}: not an OpenCLIP model config (no {', '.join(missing)})")

@@ -7,7 +7,6 @@ and `checkpoint.resume=latest` find every run's checkpoints the same way.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch import nn
 
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
+from training.config_loading import read_json_file
 from training.parallel.process_group import Distributed
 
 
@@ -27,12 +27,7 @@ def deepspeed_config(
     """The DeepSpeed JSON, with batch geometry and clipping taken from our config."""
     if user_json:
         path = Path(user_json)
-        if not path.is_file():
-            raise UserError(f"engine.deepspeed_config: no file at {path}")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"engine.deepspeed_config: {path} is not valid JSON ({exc})") from None
+        ds = read_json_file(path, "engine.deepspeed_config")
         owned = [k for k in ("optimizer", "scheduler") if k in ds]
         if owned:
             raise UserError(
