@@ -99,3 +99,52 @@ def test_openclip_json_through_the_run_config(tmp_path):
     with pytest.raises(ValueError, match="data.image_size=128"):
         cfg.model.architecture(64)
     assert cfg.model.architecture(128) == from_openclip_config(SMALL_VIT, str(path))
+
+
+def _visual_tensors_as_openclip(model) -> dict[str, torch.Tensor]:
+    from training.interop.openclip_layout import to_openclip_state_dict
+
+    return {k: v for k, v in to_openclip_state_dict(model).items() if k.startswith("visual.")}
+
+
+def test_clip_init_draws_the_vit_like_openclip():
+    """init="clip" (what OpenCLIP JSON ViTs and our ViT presets get): every image-tower tensor
+    has OpenCLIP's initial distribution. Zero tensors are zero in both; the rest agree in
+    standard deviation within a few percent (different random draws, same law). timm's own
+    init is several times off for some (what made our ViT learn less per sample)."""
+    torch.manual_seed(0)
+    ours = _visual_tensors_as_openclip(build_model(from_openclip_config(SMALL_VIT)))
+    reference = open_clip.model.CLIP(SMALL_VIT["embed_dim"], SMALL_VIT["vision_cfg"],
+                                     SMALL_VIT["text_cfg"]).state_dict()
+    assert set(ours) == {k for k in reference if k.startswith("visual.")}
+    for name, tensor in ours.items():
+        theirs = reference[name].float()
+        if theirs.std() == 0 or tensor.numel() == 1:
+            torch.testing.assert_close(tensor, theirs, msg=name)  # LayerNorms, zero biases
+            continue
+        ratio = (tensor.std() / theirs.std()).item()
+        assert 0.9 < ratio < 1.1, f"{name}: std {tensor.std():.4f} vs OpenCLIP's {theirs.std():.4f}"
+        assert abs(tensor.mean().item()) < 0.2 * theirs.std().item() + 1e-3, name
+    timm_cfg = from_openclip_config(SMALL_VIT)
+    timm_cfg.vision.init = "timm"
+    timm_pos = _visual_tensors_as_openclip(build_model(timm_cfg))["visual.positional_embedding"]
+    assert timm_pos.std() < 0.5 * reference["visual.positional_embedding"].std()
+
+
+def test_vision_init_choice():
+    cfg = load_run_config(None, ["data.train_shards=x", "model.name=tiny"])
+    assert cfg.model.architecture(64).vision.init == "clip"  # ViT presets: OpenCLIP's init
+    cfg = load_run_config(None, ["data.train_shards=x", "model.name=tiny_cnn"])
+    assert cfg.model.architecture(64).vision.init == "timm"
+    # a new trunk from a table gets the init that suits it, unless the table says
+    for name, expected in (("resnet10t", "timm"), ("vit_base_patch16_clip_224", "clip")):
+        cfg = load_run_config(None, ["data.train_shards=x", "model.name=tiny",
+                                     f"model.vision.timm_name={name}"])
+        assert cfg.model.architecture(64).vision.init == expected
+    cfg = load_run_config(None, ["data.train_shards=x", "model.name=tiny", "model.vision.init=timm"])
+    assert cfg.model.architecture(64).vision.init == "timm"
+    with pytest.raises(ValueError, match="vision init must be one of"):
+        load_run_config(None, ["data.train_shards=x", "model.vision.init=xavier"]).model.architecture(64)
+    cfg = load_run_config(None, ["data.train_shards=x", "model.name=tiny_cnn", "model.vision.init=clip"])
+    with pytest.raises(ValueError, match="needs a timm VisionTransformer, not ResNet"):
+        build_model(cfg.model.architecture(64))

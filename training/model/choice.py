@@ -44,6 +44,7 @@ class VisionTable:
     heads: int | None = None
     patch_size: int | None = None
     mlp_ratio: float | None = None
+    init: str | None = None  # "clip" (OpenCLIP's ViT init) or "timm" (timm's own)
 
     def is_set(self) -> bool:
         return any(v is not None for v in dataclasses.asdict(self).values())
@@ -113,9 +114,14 @@ class ModelChoice:
                                      pretrained_path=self.image_pretrained_path)
         table = self.vision
         if table.timm_name is not None:
-            vision = dataclasses.replace(vision, timm_name=table.timm_name)
+            # A new trunk gets the init that suits it unless the table says: CLIP's for timm's
+            # ViTs (what OpenCLIP would train), timm's own for everything else.
+            init = "clip" if table.timm_name.startswith("vit_") else "timm"
+            vision = dataclasses.replace(vision, timm_name=table.timm_name, init=init)
         if table.timm_kwargs is not None:
             vision = dataclasses.replace(vision, timm_kwargs=dict(table.timm_kwargs))
+        if table.init is not None:
+            vision = dataclasses.replace(vision, init=table.init)
         shorthands = {timm_key: getattr(table, ours) for ours, timm_key in _VIT_SHORTHANDS.items()
                       if getattr(table, ours) is not None}
         if shorthands:

@@ -5,7 +5,8 @@ top-level switches (`quick_gelu`). We read them as they are:
 
   * `vision_cfg` with `layers`/`width`/`patch_size` (OpenCLIP's own ViT) becomes timm's CLIP-layout
     ViT (`vit_base_patch16_clip_224`: pre-norm before the blocks, class-token pooling after a final
-    LayerNorm, as OpenCLIP's) with those sizes; heads = width / `head_width` (OpenCLIP's default 64);
+    LayerNorm, as OpenCLIP's) with those sizes, initialised as OpenCLIP initialises it
+    (`init="clip"`); heads = width / `head_width` (OpenCLIP's default 64);
   * `vision_cfg.timm_model_name` (OpenCLIP's timm towers) becomes our timm tower of that name;
   * `text_cfg` maps onto our text tower (`width`, `layers`, `heads`, `context_length`,
     `vocab_size`, `mlp_ratio`), and `quick_gelu` onto both towers' activation.
@@ -60,8 +61,8 @@ def _unsupported(section: str, cfg: dict[str, Any], defaults: dict[str, Any], us
         )
 
 
-def read_openclip_config(path: str | Path) -> dict[str, Any]:
-    data = read_json_file(path, "model.openclip_config")
+def read_openclip_config(path: str | Path, option: str = "model.openclip_config") -> dict[str, Any]:
+    data = read_json_file(path, option)
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in data]
     if missing:
         raise OpenClipConfigError(f"{path}: not an OpenCLIP model config (no {', '.join(missing)})")
@@ -103,7 +104,8 @@ def from_openclip_config(data: dict[str, Any], where: str = "OpenCLIP config") -
         # timm's quickgelu twin differs from the plain one only in the MLP activation.
         name = "vit_base_patch16_clip_quickgelu_224" if quick else "vit_base_patch16_clip_224"
         vision = VisionConfig(timm_name=name, image_size=int(image_size), timm_kwargs=kwargs,
-                              patch_dropout=float(vision_cfg.get("patch_dropout", 0.0)))
+                              patch_dropout=float(vision_cfg.get("patch_dropout", 0.0)),
+                              init="clip")
     text = TextConfig(
         context_length=int(text_cfg.get("context_length", 77)),
         vocab_size=int(text_cfg.get("vocab_size", 49408)),
