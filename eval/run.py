@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "(.pt TorchScript, .bin/.pt state dict, .safetensors); needs --model, --bpe")
     imported = p.add_argument_group("--pretrained checkpoints")
     imported.add_argument("--model", help="our config name, e.g. vit_b32_quickgelu for OpenAI's "
-                          "ViT-B/32 (OpenAI weights need the _quickgelu variants)")
+                          "ViT-B/32 (OpenAI weights need the _quickgelu variants), or the OpenCLIP "
+                          "model-config .json a custom architecture was trained from")
     imported.add_argument("--bpe", type=Path, help="CLIP's BPE: bpe_simple_vocab_16e6.txt.gz "
                           "or a folder with vocab.json + merges.txt")
     p.add_argument("--suite", help=f"comma-separated, from: {', '.join(SUITES)}")

@@ -174,3 +174,44 @@ def test_logit_scale_cap_matches_openai():
     # OpenAI's released logit_scale is ln(100) stored in fp16 (4.6055): our cap clamps it to
     # exactly 100, 0.03% below OpenCLIP's unclamped exp; no ranking changes.
     assert MAX_LOGIT_SCALE == 100.0
+
+
+def test_custom_openclip_json_checkpoint_embeds_like_openclip(tmp_path):
+    """A model the user trained with open_clip_train from their own model-config JSON (here the
+    sample-efficiency bench's small ViT at 64 px) imports by naming that JSON as --model."""
+    import json
+
+    arch = {"embed_dim": 128,
+            "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 8,
+                           "head_width": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4,
+                         "layers": 2}}
+    config = tmp_path / "my-vit.json"
+    config.write_text(json.dumps(arch))
+    torch.manual_seed(3)
+    ref = open_clip.model.CLIP(arch["embed_dim"], arch["vision_cfg"], arch["text_cfg"]).eval()
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "x", "state_dict": ref.state_dict()}, path)
+
+    trained = import_pretrained(path, str(config), CLIP_BPE)
+
+    assert trained.image_size == 64
+    images = torch.randn(3, 3, 64, 64)
+    ref_tokens = open_clip.tokenize(TEXTS)
+    our_tokens = trained.tokenizer(TEXTS)
+    with torch.no_grad():
+        ref_image, ref_text, _ = ref(images, ref_tokens)
+        out = trained.model(images, our_tokens)
+    torch.testing.assert_close(out["image_features"], ref_image, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["text_features"], ref_text, rtol=0, atol=1e-5)
+    ours_as_openclip = to_openclip_state_dict(trained.model)
+    assert all(torch.equal(ours_as_openclip[k], v) for k, v in ref.state_dict().items())
+
+    # the export writes an OpenCLIP JSON that says the same architecture
+    from training.interop.openclip_layout import openclip_model_config
+
+    name, exported = openclip_model_config(trained.model_config)
+    assert name == "ViT-2x128-p8-64px" and exported == arch
+
+    with pytest.raises(UserError, match="no file at"):
+        import_pretrained(path, str(tmp_path / "missing.json"), CLIP_BPE)

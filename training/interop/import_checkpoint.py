@@ -32,6 +32,7 @@ from training.interop.openclip_layout import (
 )
 from training.model import CLIP, MODEL_CONFIGS, ClipModelConfig, build_model, with_tokenizer
 from training.model.image_tower import trunk_checkpoint_filter
+from training.model.openclip_json import from_openclip_config, read_openclip_config
 from training.text.tokenizer import Tokenizer
 from training.model.trained import TrainedModel
 
@@ -47,7 +48,7 @@ def import_pretrained(
     path = Path(path)
     check_model_name(model_name)
     tokenizer = load_clip_tokenizer(bpe_path)
-    cfg = with_tokenizer(MODEL_CONFIGS[model_name](), tokenizer)
+    cfg = with_tokenizer(model_config(model_name), tokenizer)
     try:
         architecture_of(cfg)
     except ValueError as err:
@@ -66,8 +67,22 @@ def import_pretrained(
 
 
 def check_model_name(model_name: str) -> None:
-    if model_name not in MODEL_CONFIGS:
-        raise UserError(f"--model {model_name!r} unknown; choose from {', '.join(MODEL_CONFIGS)}")
+    """A preset name, or an OpenCLIP model-config JSON (the file a custom architecture was
+    trained from with open_clip_train); anything else is one line."""
+    if model_name.endswith(".json"):
+        model_config(model_name)
+    elif model_name not in MODEL_CONFIGS:
+        raise UserError(f"--model {model_name!r} unknown; choose from {', '.join(MODEL_CONFIGS)}, "
+                        "or give an OpenCLIP model-config .json")
+
+
+def model_config(model_name: str) -> ClipModelConfig:
+    if not model_name.endswith(".json"):
+        return MODEL_CONFIGS[model_name]()
+    try:
+        return from_openclip_config(read_openclip_config(model_name, "--model"), model_name)
+    except ValueError as err:  # OpenClipConfigError and a bad file are both one line
+        raise UserError(str(err) if str(err).startswith("--model") else f"--model {err}") from None
 
 
 def load_clip_tokenizer(bpe_path: str | Path) -> Tokenizer:

@@ -48,12 +48,14 @@ from training.text.clip_vocab import CLIP_EOT_ID, CLIP_VOCAB_SIZE
 
 @dataclass(frozen=True)
 class Architecture:
-    """One CLIP ViT both projects know: our config name, timm's trunk, OpenCLIP's sizes."""
+    """One CLIP ViT both projects know: OpenCLIP's name for it and its sizes."""
 
     openclip_name: str
     patch_size: int
     width: int
     layers: int
+    head_width: int = 64  # OpenCLIP's default: heads = width / head_width
+    mlp_ratio: float = 4.0
 
 
 # Keyed by the timm trunk name (what our config records). The `-quickgelu` twins differ only
@@ -126,7 +128,7 @@ def architecture_of(cfg: ClipModelConfig) -> Architecture:
             f"{cfg.vision.timm_name!r}: OpenCLIP uses one activation for both towers"
         )
     if cfg.vision.timm_kwargs or cfg.vision.image_size != 224:
-        raise ValueError("OpenCLIP's standard ViTs take 224-px images and no timm_kwargs")
+        arch = _custom_vit(arch, cfg)
     if cfg.text.vocab_size != CLIP_VOCAB_SIZE or cfg.text.eot_id != CLIP_EOT_ID:
         raise ValueError(
             f"text vocabulary {cfg.text.vocab_size} (EOT {cfg.text.eot_id}) is not CLIP's BPE "
@@ -135,6 +137,28 @@ def architecture_of(cfg: ClipModelConfig) -> Architecture:
     if cfg.init_logit_bias is not None:
         raise ValueError("a SigLIP logit bias has no place in OpenCLIP's CLIP layout")
     return arch
+
+
+# timm arguments of a CLIP-layout ViT that OpenCLIP's vision_cfg can say too.
+_CUSTOM_VIT_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def _custom_vit(standard: Architecture, cfg: ClipModelConfig) -> Architecture:
+    """A CLIP-layout ViT of other sizes (an OpenCLIP model-config JSON of the user's own, e.g.
+    through model.openclip_config): same tensor names, so the same layout, under a made-up
+    OpenCLIP name that says its sizes."""
+    kwargs = dict(cfg.vision.timm_kwargs)
+    unknown = sorted(set(kwargs) - set(_CUSTOM_VIT_KWARGS))
+    if unknown:
+        raise ValueError(f"timm argument {unknown[0]!r} has no OpenCLIP vision_cfg equivalent")
+    width = int(kwargs.get("embed_dim", standard.width))
+    heads = int(kwargs.get("num_heads", width // standard.head_width))
+    patch, layers = int(kwargs.get("patch_size", standard.patch_size)), int(kwargs.get("depth", standard.layers))
+    suffix = "-quickgelu" if standard.openclip_name.endswith("-quickgelu") else ""
+    return Architecture(
+        f"ViT-{layers}x{width}-p{patch}-{cfg.vision.image_size}px{suffix}", patch, width, layers,
+        head_width=width // heads, mlp_ratio=float(kwargs.get("mlp_ratio", standard.mlp_ratio)),
+    )
 
 
 def openclip_model_config(cfg: ClipModelConfig) -> tuple[str, dict]:
@@ -154,6 +178,10 @@ def openclip_model_config(cfg: ClipModelConfig) -> tuple[str, dict]:
         "width": arch.width,
         "patch_size": arch.patch_size,
     }
+    if arch.head_width != 64:
+        model_cfg["vision_cfg"]["head_width"] = arch.head_width
+    if arch.mlp_ratio != 4.0:
+        model_cfg["vision_cfg"]["mlp_ratio"] = arch.mlp_ratio
     model_cfg["text_cfg"] = {
         "context_length": cfg.text.context_length,
         "vocab_size": cfg.text.vocab_size,
