@@ -13,7 +13,7 @@ SHARDS_ARGS ?=
 CONFIG ?= configs/tiny_demo.toml
 TRAIN_ARGS ?=
 
-.PHONY: install shards validate tokenizer train eval demo test bench clean
+.PHONY: install shards validate tokenizer train eval demo test bench bench-learning clean
 
 install: $(STAMP)
 
@@ -67,6 +67,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+# Learning per sample and per second next to open_clip_train (~20 min; LEARNING_ARGS="--preset
+# issue" for issue #16's settings, ~2.5 h) -> bench/sample_efficiency.md and .json.
+LEARNING_ARGS ?=
+bench-learning: $(BENCH_STAMP)
+	$(PY) -m bench.sample_efficiency $(LEARNING_ARGS)
 
 clean:
 	rm -rf data runs
