@@ -396,7 +396,8 @@ def test_search_on_a_truncated_shard_names_it_and_goes_on(trained_run, demo_shar
     source = demo_shards / "val" / "00000.tar"
     (shards / "00000.tar").write_bytes(source.read_bytes()[: source.stat().st_size // 2])
     result = run_cli("eval.search", "--checkpoint", str(_checkpoint(trained_run, 6)),
-                     "--shards", str(shards), "--no-cache", "--workers", "0", "a red circle")
+                     "--shards", str(shards), "--no-cache", "--workers", "0",
+                     "--out", str(tmp_path / "grids"), "a red circle")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert f"shard {shards / '00000.tar'}: unreadable tar" in result.stderr
