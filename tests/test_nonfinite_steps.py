@@ -55,19 +55,22 @@ def test_ddp_engine_skips_a_nan_step_and_trains_on_the_next(precision):
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert not optimizer.state  # no AdamW moments were touched
-    # fp16: the GradScaler starts at 2^16, so the first finite steps overflow and are skipped by
-    # the scaler itself (backing the scale off) until one fits; fp32 trains at once.
+    # fp16: the GradScaler starts at 2^16; a finite step whose scaled gradients overflow is
+    # skipped by the scaler itself, which halves the scale, until one fits (how many depends on
+    # the init); fp32 trains at once.
     scaler = engine.precision.scaler
-    for _ in range(20):
+    for steps in range(1, 21):
         assert train_step(engine, [_batch()], ClipLoss(), ENV).finite
         if any(not torch.equal(v, before[n]) for n, v in model.state_dict().items()):
             break
     else:
         raise AssertionError("no finite step ever updated the weights")
     if precision == "fp16":
-        assert scaler.get_scale() < 2.0**16  # it skipped on overflow and backed off
+        # the NaN step never reached the scaler; each of the steps - 1 skipped ones halved it
+        assert scaler.get_scale() == 2.0**16 * 0.5 ** (steps - 1)
     else:
-        assert len(optimizer.state) > 0
+        assert steps == 1
+    assert len(optimizer.state) > 0
 
 
 def test_too_many_nonfinite_steps_in_a_row_end_the_run():
