@@ -153,7 +153,8 @@ def _custom_vit(standard: Architecture, cfg: ClipModelConfig) -> Architecture:
         raise ValueError(f"timm argument {unknown[0]!r} has no OpenCLIP vision_cfg equivalent")
     width = int(kwargs.get("embed_dim", standard.width))
     heads = int(kwargs.get("num_heads", width // standard.head_width))
-    patch, layers = int(kwargs.get("patch_size", standard.patch_size)), int(kwargs.get("depth", standard.layers))
+    patch = int(kwargs.get("patch_size", standard.patch_size))
+    layers = int(kwargs.get("depth", standard.layers))
     suffix = "-quickgelu" if standard.openclip_name.endswith("-quickgelu") else ""
     return Architecture(
         f"ViT-{layers}x{width}-p{patch}-{cfg.vision.image_size}px{suffix}", patch, width, layers,
