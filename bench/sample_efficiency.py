@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,15 +131,16 @@ def run_ours(root: Path, arch: Path, preset: Preset, s: Settings, seed: int, wor
         f"checkpoint.keep={preset.epochs + 1}", "log.every=10", "log.progress_bar=false", *extra,
     ]
     if run_dir.exists():  # a finished run would only be reported, not retrained
-        import shutil
-
         shutil.rmtree(run_dir)
     started = _run(cmd, work / f"{label}_seed{seed}.log")
-    found = []
-    for epoch in range(1, preset.epochs + 1):
-        path = run_dir / "checkpoints" / f"step_{epoch * steps_per_epoch:08d}.pt"
-        found.append((epoch, path, path.stat().st_mtime - started))
-    return found
+    return _epoch_checkpoints(
+        lambda epoch: run_dir / "checkpoints" / f"step_{epoch * steps_per_epoch:08d}.pt",
+        preset.epochs, started)
+
+
+def _epoch_checkpoints(path_of, epochs: int, started: float) -> list[tuple[int, Path, float]]:
+    """(epoch, checkpoint, seconds from the trainer's start to the checkpoint's write)."""
+    return [(e, path_of(e), path_of(e).stat().st_mtime - started) for e in range(1, epochs + 1)]
 
 
 def run_openclip(root: Path, arch: Path, preset: Preset, s: Settings, seed: int, work: Path,
@@ -148,7 +150,7 @@ def run_openclip(root: Path, arch: Path, preset: Preset, s: Settings, seed: int,
 
     shards = "::".join(str(p) for p in sorted((root / "train").glob("*.tar")))
     logs = work / "openclip_logs"
-    name = f"seed{seed}"
+    name = f"{label}_seed{seed}"
     # open_clip_train knows only the configs registered with open_clip: register ours first.
     launcher = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
                 "from open_clip_train.main import main; main(sys.argv[2:])")
@@ -161,19 +163,13 @@ def run_openclip(root: Path, arch: Path, preset: Preset, s: Settings, seed: int,
         "--lr", str(s.lr), "--warmup", str(s.warmup), "--wd", str(s.weight_decay),
         "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--seed", str(seed),
         "--save-frequency", "1", "--report-to", "", "--log-every-n-steps", "10",
-        "--logs", str(logs), "--name", name,
+        "--logs", str(logs), "--name", name, *extra,  # extra: more open_clip_train arguments
     ]
     if (logs / name).exists():  # open_clip_train refuses to reuse an experiment name
-        import shutil
-
         shutil.rmtree(logs / name)
-    started = _run(cmd, work / f"openclip_seed{seed}.log",
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    found = []
-    for epoch in range(1, preset.epochs + 1):
-        path = logs / name / "checkpoints" / f"epoch_{epoch}.pt"
-        found.append((epoch, path, path.stat().st_mtime - started))
-    return found
+    started = _run(cmd, work / f"{name}.log", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return _epoch_checkpoints(lambda epoch: logs / name / "checkpoints" / f"epoch_{epoch}.pt",
+                              preset.epochs, started)
 
 
 def score(trained, root: Path) -> dict[str, float]:
@@ -322,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "preset_name": args.preset, "preset": asdict(preset), "settings": asdict(settings),
         "seeds": args.seeds, "precision": f"{precision.name} ({precision.reason})",
-        "machine": machine.one_line(machine.describe()), "architecture": json.dumps(openclip_json(preset)),
+        "machine": machine.one_line(machine.describe()),
+        "architecture": json.dumps(openclip_json(preset)),
         "runs": runs, "equal_time": equal_time(runs),
         "note": "Both trainers' wall times include their start-up (imports, first shard) and the "
                 "per-epoch checkpoint write; evaluation runs afterwards and is not counted.",

@@ -46,9 +46,9 @@ def import_pretrained(
     """An OpenAI/OpenCLIP checkpoint file as our model, with CLIP's tokenizer from `bpe_path`
     (OpenAI's bpe_simple_vocab_16e6.txt.gz, or a folder with HF's vocab.json + merges.txt)."""
     path = Path(path)
-    check_model_name(model_name)
+    architecture = model_config(model_name)
     tokenizer = load_clip_tokenizer(bpe_path)
-    cfg = with_tokenizer(model_config(model_name), tokenizer)
+    cfg = with_tokenizer(architecture, tokenizer)
     try:
         architecture_of(cfg)
     except ValueError as err:
@@ -67,17 +67,17 @@ def import_pretrained(
 
 
 def check_model_name(model_name: str) -> None:
-    """A preset name, or an OpenCLIP model-config JSON (the file a custom architecture was
-    trained from with open_clip_train); anything else is one line."""
-    if model_name.endswith(".json"):
-        model_config(model_name)
-    elif model_name not in MODEL_CONFIGS:
-        raise UserError(f"--model {model_name!r} unknown; choose from {', '.join(MODEL_CONFIGS)}, "
-                        "or give an OpenCLIP model-config .json")
+    """Fail early, in one line, on a --model that `model_config` would refuse."""
+    model_config(model_name)
 
 
 def model_config(model_name: str) -> ClipModelConfig:
+    """A preset name, or an OpenCLIP model-config JSON (the file a custom architecture was
+    trained from with open_clip_train); anything else is one line."""
     if not model_name.endswith(".json"):
+        if model_name not in MODEL_CONFIGS:
+            raise UserError(f"--model {model_name!r} unknown; choose from "
+                            f"{', '.join(MODEL_CONFIGS)}, or give an OpenCLIP model-config .json")
         return MODEL_CONFIGS[model_name]()
     try:
         return from_openclip_config(read_openclip_config(model_name, "--model"), model_name)
