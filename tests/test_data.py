@@ -296,7 +296,7 @@ def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, workers, resam
     head = take(first, stop)
     state = json.loads(json.dumps(first.state_dict()))  # survives a round trip through a file
     first.close()
-    resumed = build_train_loader(cfg, tokenize, PAD_ID, state=state)
+    resumed = build_train_loader(cfg, tokenize, PAD_ID, states=[state])
     got = head + take(resumed, total - stop)
 
     assert torch.equal(
@@ -315,8 +315,68 @@ def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, workers, resam
             first_image.setdefault(caption, image)
     assert repeats > 0
 
-    with pytest.raises(DataError, match="batch_size"):
-        build_train_loader(dataclasses.replace(cfg, batch_size=2), tokenize, PAD_ID, state=state)
+    with pytest.raises(DataError, match="seed: 3 -> 4"):
+        build_train_loader(dataclasses.replace(cfg, seed=4), tokenize, PAD_ID, states=[state])
+
+
+def _ranks(cfg, world: int, states=None):
+    batch = cfg.batch_size
+    return [build_train_loader(dataclasses.replace(cfg, batch_size=batch), tokenize, PAD_ID,
+                               rank, world, states) for rank in range(world)]
+
+
+def _run_layouts(cfg, global_batch: int, plan: list[tuple[int, int, int]]) -> list[list[str]]:
+    """Train-loader steps over a chain of layouts: plan = [(world, workers, steps), ...], each
+    resumed from the last one's states. Returns the keys of each global step."""
+    steps, states = [], None
+    for world, workers, n in plan:
+        layout_cfg = dataclasses.replace(cfg, workers=workers, batch_size=global_batch // world)
+        loaders = _ranks(layout_cfg, world, states)
+        for _ in range(n):
+            steps.append([key for loader in loaders for key in next(loader)["keys"]])
+        states = json.loads(json.dumps([loader.state_dict() for loader in loaders]))
+        notes = {loader.resume_note for loader in loaders}
+        assert len(notes) == 1  # every rank computed the same handover
+        for loader in loaders:
+            loader.close()
+    return steps
+
+
+@pytest.mark.parametrize("plan", [
+    [(2, 1, 3), (1, 1, 13)],  # 2 ranks -> 1
+    [(1, 1, 3), (2, 1, 13)],  # 1 rank -> 2
+    [(2, 2, 2), (3, 1, 2), (4, 2, 12)],  # two changes, workers too: the second replays the first
+])
+def test_resume_on_another_world_size_takes_each_sample_of_the_epoch_once(tmp_path, plan):
+    # 24 shards: every layout's workers (2..8) get equally many, so its epochs stay in step.
+    folder = write_source(tmp_path / "s", shards=24, per_shard=4, prefix="k")
+    every_key = sorted(f"{url}#{item['__key__']}" for url in expand_source(str(folder))
+                       for item in read_shard(url))
+    cfg = config(folder, num_samples=96, sample_shuffle_buffer=10, seed=7)
+    global_batch, per_epoch = 12, 96 // 12
+    steps = _run_layouts(cfg, global_batch, plan)
+    assert len(steps) == 2 * per_epoch
+    for epoch in range(2):  # the interrupted epoch, then a whole epoch on the last layout
+        keys = [k for step in steps[epoch * per_epoch:(epoch + 1) * per_epoch] for k in step]
+        assert sorted(keys) == every_key
+    # The order is the seed's: the same chain gives the same steps, another seed others.
+    assert _run_layouts(cfg, global_batch, plan) == steps
+    assert _run_layouts(dataclasses.replace(cfg, seed=8), global_batch, plan) != steps
+
+
+def test_a_handover_is_said_in_one_line(tmp_path):
+    folder = write_source(tmp_path / "s", shards=4, per_shard=8, prefix="k")
+    cfg = config(folder, num_samples=32, sample_shuffle_buffer=4, batch_size=8)
+    first = _ranks(cfg, 1)
+    next(first[0])
+    states = [first[0].state_dict()]
+    first[0].close()
+    halves = _ranks(dataclasses.replace(cfg, batch_size=4), 2, states)
+    assert halves[0].resume_note == (
+        "data: 1 ranks x 1 workers x batch 8 -> 2 ranks x 1 workers x batch 4: the 24 samples "
+        "the epoch still owed are shared out anew, then epoch 1 begins")
+    for loader in halves:
+        loader.close()
 
 
 # --------------------------------------------------------------------------------- sources

@@ -37,6 +37,7 @@ from training.text.tokenizer import Tokenizer
 from training.train import (
     NonFiniteLossError,
     Progress,
+    check_same_global_batch,
     restore_from_checkpoint,
     total_steps_for,
     train,
@@ -126,19 +127,22 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
             engine_cfg, model, optimizer, env, grad_clip=cfg.optim.grad_clip,
             micro_batch=cfg.data.batch_size, accum_steps=cfg.train.accum_steps,
         )
-        progress, data_state, wandb_id = Progress(), None, None
+        progress, data_states, wandb_id = Progress(), None, None
         messages = _Messages(env.is_main)
         if resume_from is None and cfg.checkpoint.resume == "latest":
             messages.message(f"checkpoint.resume=latest: no checkpoint in "
                              f"{ckpt.checkpoint_dir(run_dir)} yet, so starting from step 0")
         if resume_from is not None:
-            progress, data_state, state = restore_from_checkpoint(engine, resume_from, env, messages)
+            progress, data_states, state = restore_from_checkpoint(engine, resume_from, env, messages)
+            check_same_global_batch(state, global_batch, resume_from)
             wandb_id = state.get("wandb_run_id")
             messages.message(f"resumed from {resume_from} at step {progress.step}")
 
         loader = build_train_loader(
-            cfg.data, tokenizer.encode, tokenizer.pad_id, env.rank, env.world_size, data_state
+            cfg.data, tokenizer.encode, tokenizer.pad_id, env.rank, env.world_size, data_states
         )
+        if loader.resume_note:
+            messages.message(loader.resume_note)
         total_steps = total_steps_for(cfg.train, loader.steps_per_epoch(global_batch))
         evaluate = None
         if cfg.zeroshot.every and make_zero_shot is not None:
@@ -171,6 +175,7 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
                 tokenizer_json=tokenizer.to_json(),
                 evaluate=evaluate,
                 evaluate_every=cfg.zeroshot.every,
+                sample_keys=cfg.log.sample_keys,
             )
         finally:
             log.close()

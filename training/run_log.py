@@ -30,6 +30,7 @@ class LogConfig:
     run_name: str | None = None
     tags: list[str] = field(default_factory=list)
     progress_bar: bool = True
+    sample_keys: bool = False  # RUN_DIR/sample_keys/: which samples each step took (sample_log.py)
 
     def __post_init__(self) -> None:
         if self.every < 1:

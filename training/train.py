@@ -14,11 +14,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
 from training.parallel.collectives import gather_objects, sum_over_ranks
 from training.parallel.process_group import Distributed
 from training.optim import OptimConfig, lr_at, set_lr
 from training.run_config import CheckpointConfig, TrainConfig
+from training.sample_log import SampleLog
 from training.run_log import RunLog
 from training.data.transforms import normalize_images
 
@@ -111,7 +113,8 @@ def train_step(
     return StepResult(loss_sum / env.world_size, grad_norm, nonfinite == 0, stop_requested > 0)
 
 
-def _timed_batches(loader, device) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+def _timed_batches(loader, device) -> Iterator[tuple[dict[str, torch.Tensor], float, list[str]]]:
+    """(batch on the device, seconds waited for it, its sample keys)."""
     iterator = iter(loader)
     while True:
         started = time.perf_counter()
@@ -119,7 +122,7 @@ def _timed_batches(loader, device) -> Iterator[tuple[dict[str, torch.Tensor], fl
             batch = next(iterator)
         except StopIteration:
             return
-        yield batch_to_device(batch, device), time.perf_counter() - started
+        yield batch_to_device(batch, device), time.perf_counter() - started, batch.get("keys", [])
 
 
 def checkpoint_extras(loader, env, progress, config, wandb_id, tokenizer_json) -> dict:
@@ -219,6 +222,7 @@ def train(
     tokenizer_json: str,
     evaluate: Callable[[], dict[str, float]] | None = None,
     evaluate_every: int = 0,
+    sample_keys: bool = False,
 ) -> Progress:
     """Run optimizer steps until `total_steps` or a stop signal; checkpoint on the way out."""
     run_dir = Path(train_cfg.run_dir)
@@ -226,7 +230,14 @@ def train(
     batches = _timed_batches(loader, env.device)
     window = MetricsWindow()
 
+    samples = SampleLog(run_dir, env.rank, progress.step) if sample_keys else None
+
     def save() -> None:
+        if samples is not None:
+            try:
+                samples.flush()
+            except OSError as exn:  # the audit log must never cost the checkpoint
+                log.message(f"warning: sample log not written ({exn})")
         extras = checkpoint_extras(loader, env, progress, config, log.wandb_run_id, tokenizer_json)
         path = engine.save(run_dir, progress.step, extras, checkpoint_cfg.keep)
         if path is not None:
@@ -245,9 +256,11 @@ def train(
             set_lr(engine.optimizer, lr)
             micro, data_s = [], 0.0
             for _ in range(train_cfg.accum_steps):
-                batch, waited = next(batches)
+                batch, waited, keys = next(batches)
                 micro.append(batch)
                 data_s += waited
+                if samples is not None:
+                    samples.record(progress.step + 1, keys)
             started = time.perf_counter()
             result = train_step(engine, micro, loss_fn, env, stop)
             window.add(result, data_s, time.perf_counter() - started)
@@ -295,20 +308,36 @@ def train(
 
 
 def restore_from_checkpoint(engine, path: Path, env: Distributed, log) -> tuple[Progress, Any, dict]:
-    """Load model/optimizer/scaler/RNG through the engine; return the progress counters, this
-    rank's data state (None when the world size changed) and the raw checkpoint dict."""
+    """Load model/optimizer/scaler/RNG through the engine; return the progress counters, every
+    rank's data state (the loader continues exactly, or hands the epoch over to a new world
+    size) and the raw checkpoint dict."""
     state = engine.load(path)
     progress = Progress(**state["metrics"])
-    data_state = None
     if state.get("world_size") == env.world_size:
         ckpt.restore_rng(state["rng"][env.rank])
-        data_state = state["data"][env.rank]
     else:
         log.message(
             f"checkpoint was written by {state.get('world_size')} ranks, resuming on "
-            f"{env.world_size}: model and optimizer restored, data order starts afresh"
+            f"{env.world_size}: model and optimizer restored; per-rank RNG streams start afresh"
         )
-    return progress, data_state, state
+    return progress, state["data"], state
+
+
+def check_same_global_batch(state: dict, global_batch: int, path: Path) -> None:
+    """A resume keeps the global batch (ranks x data.batch_size x train.accum_steps), whatever
+    the world size: steps, epochs and the LR schedule are counted in it."""
+    config, world = state.get("config") or {}, state.get("world_size")
+    try:
+        saved = int(config["data"]["batch_size"]) * int(world) * int(config["train"]["accum_steps"])
+    except (KeyError, TypeError, ValueError):
+        return  # a checkpoint without the record (older format): nothing to compare
+    if saved != global_batch:
+        raise UserError(
+            f"{path} was trained with global batch {saved} ({world} ranks x data.batch_size "
+            f"{config['data']['batch_size']} x train.accum_steps {config['train']['accum_steps']}); "
+            f"resuming with {global_batch} would change what a step and an epoch mean: set "
+            f"data.batch_size or train.accum_steps so that ranks x both = {saved}"
+        )
 
 
 def total_steps_for(train_cfg: TrainConfig, steps_per_epoch: int) -> int:

@@ -43,9 +43,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.shard_format import BadSample
 from training.data.config import AugmentConfig, DataConfig, DataError
 from training.data.decode import ShardJudge, collate, decode_sample
-from training.data.sources import (
-    derive_seed, expand_sources, mix_streams, read_shard_sizes, shuffle_buffer, source_stream,
+from training.data.handover import (
+    STREAM_VERSION, ItemCounter, Layout, Piece, StreamSpec, handover_layout, layout_shares,
+    worker_stream,
 )
+from training.data.sources import derive_seed, expand_sources, read_shard_sizes
 from training.data.transforms import build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -79,13 +81,13 @@ class TrainStream(IterableDataset):
     """The per-worker infinite batch stream. Built by TrainLoader; rarely useful alone."""
 
     def __init__(
-        self, cfg: DataConfig, sources: list[list[str]], weights: list[float],
-        tokenize: Tokenize, pad_id: int, rank: int, world_size: int, resume: ResumePoint,
+        self, cfg: DataConfig, spec: StreamSpec, layout: Layout, shares: list[list[Piece]],
+        tokenize: Tokenize, pad_id: int, rank: int, resume: ResumePoint,
     ) -> None:
-        self.cfg, self.sources, self.weights = cfg, sources, weights
+        self.cfg, self.spec, self.layout, self.shares = cfg, spec, layout, shares
         self.tokenize, self.pad_id = tokenize, pad_id
-        self.rank, self.world_size, self.resume = rank, world_size, resume
-        self.roles = max(cfg.workers, 1)
+        self.rank, self.resume = rank, resume
+        self.roles = layout.workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -99,21 +101,10 @@ class TrainStream(IterableDataset):
             yield {_DATA_ERROR_KEY: str(exn)}
 
     def raw_samples(self, role: int) -> Iterator[dict[str, Any]]:
-        """The post-shuffle raw sample stream of one worker role (the part replayed on resume)."""
-        cfg = self.cfg
-        global_worker = self.rank * self.roles + role
-        visits = count()  # shared by all sources of this worker: ids stay unique
-        streams = [
-            source_stream(
-                urls, seed=cfg.seed, source=i, resampled=cfg.resampled, shuffle=cfg.shard_shuffle,
-                worker=global_worker, num_workers=self.world_size * self.roles, visits=visits,
-            )
-            for i, urls in enumerate(self.sources)
-        ]
-        mix_rng = random.Random(derive_seed(cfg.seed, "mix", global_worker))
-        mixed = mix_streams(streams, self.weights, mix_rng)
-        shuffle_rng = random.Random(derive_seed(cfg.seed, "shuffle", global_worker))
-        return shuffle_buffer(mixed, cfg.sample_shuffle_buffer, shuffle_rng)
+        """The raw sample stream of one worker role (the part replayed on resume)."""
+        stream, _ = worker_stream(
+            self.spec, self.layout, self.rank * self.roles + role, self.shares[role])
+        return stream
 
     def _batches(self, role: int) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
@@ -127,9 +118,11 @@ class TrainStream(IterableDataset):
             judge.record(next(raw), usable=None)
         images: list[torch.Tensor] = []
         token_lists: list[Sequence[int]] = []
+        keys: list[str] = []
         for item in raw:
             # Seeding per raw sample index makes augmentation independent of history (resume).
-            augment_seed = derive_seed(cfg.seed, "augment", global_worker, consumed)
+            augment_seed = derive_seed(cfg.seed, "augment", global_worker, consumed,
+                                       *self.layout.start_epochs)
             consumed += 1
             try:
                 pixels, tokens = decode_sample(
@@ -147,11 +140,12 @@ class TrainStream(IterableDataset):
             judge.record(item, usable=True)
             images.append(pixels)
             token_lists.append(tokens)
+            keys.append(f"{item['__url__']}#{item['__key__']}")
             if len(images) == cfg.batch_size:
                 batch = collate(images, token_lists, self.pad_id)
-                batch.update(__role__=role, __consumed__=consumed, __skipped__=skipped)
+                batch.update(keys=keys, __role__=role, __consumed__=consumed, __skipped__=skipped)
                 yield batch
-                images, token_lists = [], []
+                images, token_lists, keys = [], [], []
 
 
 def smallest_decode_size(cfg: AugmentConfig) -> int:
@@ -173,15 +167,17 @@ def _source_sizes(sources: list[list[str]]) -> list[int] | None:
 class TrainLoader:
     """Infinite iterator of training batches for one rank, with exact resume.
 
-    state_dict() after the trainer has taken k batches, passed back as `state=`, gives a loader
-    whose batches are exactly batches k, k+1, ... of the uninterrupted run. The state is per rank
-    (each rank must save its own) and JSON-serializable; the data config, rank, world size and
-    worker count must not change across the resume (checked, DataError otherwise).
+    `states`: every rank's state_dict() from a checkpoint (a list over ranks). On the same
+    layout (ranks, workers, batch size) the loader continues exactly: after k batches, batches
+    k, k+1, ... of the uninterrupted run. On another layout with the same global batch it hands
+    over the rest of the epoch (`training.data.handover`) and says so in `resume_note`. Any
+    other change of the data config is a DataError naming it. States are JSON-serializable.
+    Batches carry `keys` ("shard url#sample key") for the trainer's sample log.
     """
 
     def __init__(
         self, cfg: DataConfig, tokenize: Tokenize, pad_id: int, rank: int = 0,
-        world_size: int = 1, state: dict[str, Any] | None = None,
+        world_size: int = 1, states: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank=} {world_size=}")
@@ -204,15 +200,19 @@ class TrainLoader:
                 f"shards of {cfg.train_shards!r}; set num_samples"
             )
         weights = cfg.train_data_weights or sizes or [len(urls) for urls in sources]
-        self._resume = (
-            ResumePoint.start(self.roles) if state is None else self._resume_point(state)
-        )
+        self.spec = StreamSpec(sources, list(weights), cfg.seed, cfg.resampled, cfg.shard_shuffle,
+                               cfg.sample_shuffle_buffer)
+        self.resume_note: str | None = None
+        self.layout = Layout(world_size, self.roles, cfg.batch_size, (0,) * len(sources))
+        self._resume = ResumePoint.start(self.roles)
+        if states is not None:
+            self._resume_from(list(states))
         self._progress = ResumePoint(
             self._resume.batches_yielded, list(self._resume.consumed), list(self._resume.skipped)
         )
-        stream = TrainStream(
-            cfg, sources, list(weights), tokenize, pad_id, rank, world_size, self._resume
-        )
+        shares = layout_shares(self.spec, self.layout, ItemCounter())
+        mine = shares[rank * self.roles:(rank + 1) * self.roles]
+        stream = TrainStream(cfg, self.spec, self.layout, mine, tokenize, pad_id, rank, self._resume)
         self._loader = DataLoader(
             stream,
             batch_size=None,  # batches are built in the workers (dynamic padding, bookkeeping)
@@ -224,20 +224,36 @@ class TrainLoader:
         self._iterator: Iterator[dict[str, Any]] | None = None
         _track_for_exit(self)
 
-    def _resume_point(self, state: dict[str, Any]) -> ResumePoint:
-        expected = {
-            "rank": self.rank, "world_size": self.world_size, "config": self.cfg.fingerprint(),
-        }
-        changed = [key for key, value in expected.items() if state.get(key) != value]
-        if changed or len(state.get("consumed", [])) != self.roles:
-            if "config" in changed:
-                old = state.get("config") or {}
-                changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in expected["config"].items()
-                           if old.get(k) != v] + [c for c in changed if c != "config"]
+    def _resume_from(self, states: list[dict[str, Any]]) -> None:
+        """Set the layout and resume point from a checkpoint's per-rank states."""
+        if any(s.get("stream_version") != STREAM_VERSION for s in states):
+            self.resume_note = ("data: the checkpoint's stream state is from an older version "
+                                "of the loader; the data order starts afresh")
+            return
+        old_fingerprint = states[0].get("config") or {}
+        mine = self.cfg.fingerprint()
+        shape_fields = ("workers", "batch_size")
+        changed = [f"{k}: {old_fingerprint.get(k)!r} -> {v!r}" for k, v in mine.items()
+                   if k not in shape_fields and old_fingerprint.get(k) != v]
+        if changed:
             raise DataError(f"cannot resume the data stream exactly, changed: {', '.join(changed)}")
-        return ResumePoint(
-            state["batches_yielded"], list(state["consumed"]), list(state["skipped"])
-        )
+        old = Layout.from_state(states[0]["layout"])
+        if old.same_shape(self.layout):
+            state = states[self.rank]
+            self.layout = old
+            self._resume = ResumePoint(
+                state["batches_yielded"], list(state["consumed"]), list(state["skipped"]))
+            return
+        self.layout, owed = handover_layout(self.spec, states, self.layout)
+        shape = lambda l: f"{l.world_size} ranks x {l.workers} workers x batch {l.batch_size}"  # noqa: E731
+        if self.spec.resampled:
+            self.resume_note = (f"data: {shape(old)} -> {shape(self.layout)}; resampled shards "
+                                "have no epoch to finish, so the draws start afresh")
+        else:
+            epochs = ", ".join(str(e) for e in self.layout.start_epochs)
+            self.resume_note = (f"data: {shape(old)} -> {shape(self.layout)}: the {owed} samples "
+                                f"the epoch still owed are shared out anew, then epoch {epochs} "
+                                "begins")
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -262,6 +278,8 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "stream_version": STREAM_VERSION,
+            "layout": self.layout.to_state(),
             "batches_yielded": self._progress.batches_yielded,
             "consumed": list(self._progress.consumed),
             "skipped": list(self._progress.skipped),
@@ -295,10 +313,11 @@ class TrainLoader:
 
 def build_train_loader(
     cfg: DataConfig, tokenize: Tokenize, pad_id: int, rank: int = 0, world_size: int = 1,
-    state: dict[str, Any] | None = None,
+    states: Sequence[dict[str, Any]] | None = None,
 ) -> TrainLoader:
-    """tokenize must be picklable (it is sent to worker processes); state from state_dict()."""
-    return TrainLoader(cfg, tokenize, pad_id, rank=rank, world_size=world_size, state=state)
+    """tokenize must be picklable (it is sent to worker processes); states: every rank's
+    state_dict() from the checkpoint being resumed."""
+    return TrainLoader(cfg, tokenize, pad_id, rank=rank, world_size=world_size, states=states)
 
 
 def _init_worker(worker_id: int) -> None:

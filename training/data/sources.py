@@ -1,5 +1,5 @@
 """Which shards a training worker reads, in which order: listing sources, sizes.json, the
-per-epoch shard schedule, mixing sources by weight, and the sample shuffle buffer.
+per-epoch shard schedule and sample shuffle (`EpochStream`), and mixing sources by weight.
 
 Works on raw samples as `data_pipeline.shard_format.read_shard` gives them (undecoded member
 bytes plus bookkeeping keys, described there); nothing here decodes images, that happens after
@@ -15,7 +15,7 @@ import json
 import os
 import random
 from itertools import accumulate, count
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import fsspec
@@ -124,26 +124,104 @@ def epoch_shards(
     return [order[worker % len(order)]]
 
 
-def source_stream(
-    urls: Sequence[str], *, seed: int, source: int, resampled: bool, shuffle: bool,
-    worker: int, num_workers: int, visits: Iterator[int],
-) -> Iterator[RawSample]:
-    """An infinite raw-sample stream over one source for one global worker.
+Reader = Callable[[str, int], Iterable[RawSample]]  # (url, visit) -> the items of one reading
 
-    resampled: shards drawn with replacement by RNG(seed, source, worker), no epochs at all
-    (for corpora so large that an epoch is never finished). Otherwise epoch after epoch of
-    `epoch_shards`.
+
+class EpochStream:
+    """One source's raw-sample stream for one global worker: epoch after epoch of `epoch_shards`,
+    each epoch through its own shuffle buffer, emptied before the next epoch starts.
+
+    Emptying the buffer at each epoch's end keeps an epoch's samples out of the next one's
+    batches, which is what lets a resume on another world size finish an epoch exactly
+    (`training.data.handover`). The position is kept in attributes rather than in a generator's
+    frame so that the handover can read it off after a replay: `epoch` (None before the first
+    item), the shards still to read, the reading in progress and the buffer.
+
+    `read` gives the items of one shard reading: `read_shard` for real; the handover replays the
+    same schedule with a reader of (url, index) references, so both follow one piece of code.
     """
-    if resampled:
-        rng = random.Random(derive_seed(seed, "resample", source, worker))
+
+    def __init__(
+        self, urls: Sequence[str], *, seed: int, source: int, shuffle: bool, worker: int,
+        num_workers: int, buffer_size: int, start_epoch: int, visits: Iterator[int],
+        read: Reader = read_shard,
+    ) -> None:
+        self.urls, self.seed, self.source, self.shuffle = list(urls), seed, source, shuffle
+        self.worker, self.num_workers, self.buffer_size = worker, num_workers, buffer_size
+        self.start_epoch, self.visits, self.read = start_epoch, visits, read
+        self.epoch: int | None = None
+        self.shards: list[str] = []  # this epoch's shards not yet opened
+        self.reading: Iterator[RawSample] = iter(())
+        self.reading_url: str | None = None
+        self.buffer: list[RawSample] = []
+        self.draining = False  # the epoch's shards are all read; the buffer empties in order
+
+    def _begin_epoch(self) -> None:
+        self.epoch = self.start_epoch if self.epoch is None else self.epoch + 1
+        self.shards = epoch_shards(
+            self.urls, seed=self.seed, source=self.source, epoch=self.epoch, shuffle=self.shuffle,
+            worker=self.worker, num_workers=self.num_workers,
+        )
+        self.shards.reverse()  # popped from the end
+        self.rng = random.Random(derive_seed(self.seed, "shuffle", self.source, self.worker, self.epoch))
+        self.buffer, self.draining = [], False
+
+    def _read_item(self) -> RawSample | None:
+        """The next item of this epoch's shards in read order, None once they are all read."""
+        while True:
+            item = next(self.reading, None)
+            if item is not None:
+                return item
+            if not self.shards:
+                self.reading_url = None
+                return None
+            self.reading_url = self.shards.pop()
+            self.reading = iter(self.read(self.reading_url, next(self.visits)))
+
+    def __iter__(self) -> EpochStream:
+        return self
+
+    def __next__(self) -> RawSample:
+        while True:
+            if self.epoch is None:
+                self._begin_epoch()
+            if not self.draining:
+                item = self._read_item()
+                if item is None:
+                    # Same order as `shuffle_buffer` at the end of its input.
+                    self.rng.shuffle(self.buffer)
+                    self.buffer.reverse()
+                    self.draining = True
+                elif self.buffer_size <= 1:
+                    return item
+                elif len(self.buffer) < self.buffer_size:
+                    self.buffer.append(item)
+                    continue
+                else:
+                    i = self.rng.randrange(self.buffer_size)
+                    self.buffer[i], item = item, self.buffer[i]
+                    return item
+            if self.buffer:
+                return self.buffer.pop()
+            if not self.urls:
+                raise StopIteration
+            self._begin_epoch()
+
+
+def resampled_stream(
+    urls: Sequence[str], *, seed: int, source: int, worker: int, buffer_size: int,
+    visits: Iterator[int],
+) -> Iterator[RawSample]:
+    """Shards drawn with replacement by RNG(seed, source, worker), no epochs at all (for corpora
+    so large that an epoch is never finished), through one endless shuffle buffer."""
+    rng = random.Random(derive_seed(seed, "resample", source, worker))
+
+    def draws() -> Iterator[RawSample]:
         while True:
             yield from read_shard(rng.choice(urls), next(visits))
-    for epoch in count():
-        for url in epoch_shards(
-            urls, seed=seed, source=source, epoch=epoch, shuffle=shuffle,
-            worker=worker, num_workers=num_workers,
-        ):
-            yield from read_shard(url, next(visits))
+
+    shuffle_rng = random.Random(derive_seed(seed, "shuffle", source, worker))
+    return shuffle_buffer(draws(), buffer_size, shuffle_rng)
 
 
 def mix_streams(
