@@ -116,7 +116,12 @@ print("OK")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16")])
+@pytest.mark.parametrize("stage, precision", [
+    pytest.param(0, "fp16", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="GPU only: DeepSpeed's CPU accelerator has no fp16 "
+        "(on CPU the engine refuses it in one line: test_deepspeed_fp16_on_cpu_is_one_line)")),
+    (1, "fp32"), (2, "bf16"), (3, "fp32"),
+])
 def test_deepspeed_engine_skips_a_nan_step(stage, precision, tmp_path):
     import socket
 
@@ -127,3 +132,15 @@ def test_deepspeed_engine_skips_a_nan_step(stage, precision, tmp_path):
                             cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_deepspeed_fp16_on_cpu_is_one_line():
+    from data_pipeline.errors import UserError
+    from training.optim import OptimConfig, build_optimizer
+    from training.parallel.engines import EngineConfig, build_engine
+
+    model = _small_model()
+    with pytest.raises(UserError, match="CPU accelerator has no fp16"):
+        build_engine(EngineConfig(name="deepspeed", zero_stage=0, precision="fp16"), model,
+                     build_optimizer(model, OptimConfig(fused=False)), ENV, grad_clip=1.0,
+                     micro_batch=4, accum_steps=1)

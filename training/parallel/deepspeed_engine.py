@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,7 @@ class DeepSpeedEngine:
 
         # Reuses the process group setup_distributed made (gloo on CPU, NCCL on GPUs).
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
-        _broadcast_scalar_parameters(model)
+        self._scalars = _scalars_as_vectors(model)
         self.env = env
         self.ds_config = ds_config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -126,7 +128,8 @@ class DeepSpeedEngine:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.module.state_dict()
-        return {k: v.float() if v.is_floating_point() else v for k, v in (state or {}).items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in (state or {}).items()}
+        return {k: v.reshape(()) if k in self._scalars else v for k, v in state.items()}
 
     def save(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> Path | None:
         tag = f"step_{step:08d}"
@@ -150,25 +153,59 @@ class DeepSpeedEngine:
         if state.get("engine") != "deepspeed":
             raise UserError(f"{path} was written by the ddp engine; resume with engine.name=ddp")
         ds_dir = path.parent.parent / "deepspeed"
-        loaded, _ = self.engine.load_checkpoint(str(ds_dir), tag=state["deepspeed_tag"])
+        tag = state["deepspeed_tag"]
+        universal = state.get("world_size") != self.env.world_size
+        if universal:  # ZeRO's shards are cut for the old world size: go through DeepSpeed's
+            tag = self._universal_tag(ds_dir, tag)  # universal format, which any size loads
+        config = self.engine._config
+        config.load_universal_checkpoint = universal
+        try:
+            loaded, _ = self.engine.load_checkpoint(str(ds_dir), tag=tag)
+        finally:
+            config.load_universal_checkpoint = False
         if loaded is None:
             raise UserError(f"DeepSpeed checkpoint {ds_dir / state['deepspeed_tag']} is missing or incomplete")
         return state
 
 
-def _broadcast_scalar_parameters(model: nn.Module) -> None:
-    """Work around DeepSpeed 0.19 failing on 0-dim parameters (our logit scale and bias) under
-    bf16: its start-up broadcast views each parameter as bytes, which a 0-dim bf16 tensor cannot
-    do. We broadcast those from rank 0 ourselves (all ranks take part; shape [] in and out) and
-    mark them with the attribute DeepSpeed uses to skip its own broadcast."""
-    import torch.distributed as dist
+    def _universal_tag(self, ds_dir: Path, tag: str) -> str:
+        """Convert ds_dir/tag to ds_dir/tag_universal once (rank 0; the others wait)."""
+        import torch.distributed as dist
 
-    # Whenever a process group exists, not only for several ranks: DeepSpeed initialises one
-    # (and broadcasts) even for a single torchrun process.
-    if not dist.is_initialized():
-        return
+        out = ds_dir / f"{tag}_universal"
+        if self.env.is_main and not out.is_dir():
+            partial = ds_dir / f"{tag}_universal.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+                 "--input_folder", str(ds_dir / tag), "--output_folder", str(partial),
+                 "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                capture_output=True, text=True,
+            )
+            if result.returncode != 0:
+                raise UserError(f"could not convert {ds_dir / tag} to a universal checkpoint for "
+                                f"{self.env.world_size} ranks: {result.stderr.strip().splitlines()[-1:]}")
+            # The universal loader reads the model file under the tag it is given.
+            for model_file in (ds_dir / tag).glob("mp_rank_*_model_states.pt"):
+                if not (partial / model_file.name).exists():
+                    shutil.copy2(model_file, partial / model_file.name)
+            partial.rename(out)
+        if dist.is_initialized():
+            dist.barrier()
+        return out.name
 
-    for param in model.parameters():
+
+def _scalars_as_vectors(model: nn.Module) -> set[str]:
+    """View every 0-dim parameter (CLIP's logit scale, SigLIP's bias; 0-dim as in OpenAI's and
+    OpenCLIP's models) as shape [1] while DeepSpeed holds the model, and return their names.
+
+    DeepSpeed 0.19 views parameters as bytes to broadcast them (at start-up, and in ZeRO-3's
+    partitioning) and merges fragments with torch.cat in its universal-checkpoint converter, and
+    all three fail on a 0-dim tensor. Shape [1] broadcasts like a scalar in the loss, so the model
+    code is unchanged; checkpoints get the 0-dim shape back (`_model_state_fp32`)."""
+    names = set()
+    for name, param in model.named_parameters():
         if param.dim() == 0:
-            dist.broadcast(param.data, src=0)
-            param.ds_optim_param = True
+            param.data = param.data.reshape(1)
+            names.add(name)
+    return names

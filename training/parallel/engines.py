@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from data_pipeline.errors import UserError
+
 from training.parallel.ddp_engine import DDPEngine
 from training.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config
 from training.parallel.precision import Precision, PrecisionName
@@ -66,6 +68,11 @@ def build_engine(
     if cfg.name == "ddp":
         precision = Precision(cfg.precision, env.device.type)
         return DDPEngine(model, optimizer, precision, env, grad_clip, cfg.compile)
+    if cfg.precision == "fp16" and env.device.type == "cpu":
+        raise UserError(
+            "engine.precision=fp16: DeepSpeed's CPU accelerator has no fp16; use "
+            "engine.precision=fp32 or bf16, or engine.name=ddp (fp16 with a GradScaler runs on CPU)"
+        )
     ds_config = deepspeed_config(
         cfg.deepspeed_config, cfg.zero_stage, cfg.precision,
         micro_batch=micro_batch, accum_steps=accum_steps, grad_clip=grad_clip,
