@@ -66,6 +66,23 @@ def test_resumed_run_repeats_the_uninterrupted_loss_sequence(corpus, tmp_path):
         torch.testing.assert_close(final_b[name], final_a[name], rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_two_rank_resume_repeats_the_uninterrupted_losses(corpus, tmp_path):
+    """Multi-rank exact resume: each rank's data stream, RNG and the shared model state."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("train.steps=6", "data.hflip=0.5", "model.name=tiny")
+    result = torchrun(2, *_train_args(corpus, straight, *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(2, *_train_args(corpus, split, *common, "train.stop_at_step=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(2, *_train_args(corpus, split, *common, "checkpoint.resume=latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "data:" not in result.stdout  # same layout
+    expected, resumed = _losses(straight), _losses(split)
+    assert len(expected) == len(resumed) == 6
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), rtol=0, atol=1e-6)
+
+
 def test_torchrun_two_processes_train_the_same_code(corpus, tmp_path):
     run_dir = tmp_path / "ddp"
     result = torchrun(2, *_train_args(corpus, run_dir, "train.steps=4"))
