@@ -29,7 +29,6 @@ import logging
 import math
 import multiprocessing
 import os
-import random
 import signal
 import sys
 import weakref

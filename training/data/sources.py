@@ -14,8 +14,8 @@ import hashlib
 import json
 import os
 import random
-from itertools import accumulate, count
-from typing import Callable, Iterable, Iterator, Sequence
+from itertools import accumulate
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import fsspec
@@ -188,19 +188,13 @@ class EpochStream:
             if not self.draining:
                 item = self._read_item()
                 if item is None:
-                    # Same order as `shuffle_buffer` at the end of its input.
-                    self.rng.shuffle(self.buffer)
-                    self.buffer.reverse()
+                    self.buffer = _drain(self.buffer, self.rng)[::-1]  # popped from the end
                     self.draining = True
-                elif self.buffer_size <= 1:
-                    return item
-                elif len(self.buffer) < self.buffer_size:
-                    self.buffer.append(item)
-                    continue
                 else:
-                    i = self.rng.randrange(self.buffer_size)
-                    self.buffer[i], item = item, self.buffer[i]
-                    return item
+                    out = _swap_in(self.buffer, item, self.buffer_size, self.rng)
+                    if out is not None:
+                        return out
+                    continue
             if self.buffer:
                 return self.buffer.pop()
             if not self.urls:
@@ -246,16 +240,28 @@ def shuffle_buffer(
 ) -> Iterator[RawSample]:
     """Reservoir-style shuffle: fill `size` items, then emit a random one per new arrival.
     size <= 1 passes items through. Memory: `size` raw (encoded) samples per worker."""
-    if size <= 1:
-        yield from items
-        return
     buffer: list[RawSample] = []
     for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        buffer[i], item = item, buffer[i]
-        yield item
+        out = _swap_in(buffer, item, size, rng)
+        if out is not None:
+            yield out
+    yield from _drain(buffer, rng)
+
+
+def _swap_in(buffer: list, item: Any, size: int, rng: random.Random) -> Any:
+    """One arrival at a reservoir shuffle buffer (`shuffle_buffer`, `EpochStream`): the item to
+    emit now, or None while the buffer is still filling."""
+    if size <= 1:
+        return item
+    if len(buffer) < size:
+        buffer.append(item)
+        return None
+    i = rng.randrange(size)
+    buffer[i], item = item, buffer[i]
+    return item
+
+
+def _drain(buffer: list, rng: random.Random) -> list:
+    """The end of the input: what is left, in random order."""
     rng.shuffle(buffer)
-    yield from buffer
+    return buffer
