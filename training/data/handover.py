@@ -280,7 +280,7 @@ def cut_shares(owed: list[Piece], layout: Layout, size: Any) -> list[list[Piece]
 
 
 def handover_layout(
-    spec: StreamSpec, old_states: Sequence[dict[str, Any]], new: Layout,
+    spec: StreamSpec, old_states: Sequence[dict[str, Any]], new: Layout, counter: ItemCounter,
 ) -> tuple[Layout, int]:
     """The layout that continues the run whose ranks saved `old_states`, with the new shape
     (`new`'s start epochs are ignored), and the number of owed samples it begins with."""
@@ -289,7 +289,6 @@ def handover_layout(
     handover = Handover(old, consumed)
     if spec.resampled:
         return Layout(new.world_size, new.workers, new.batch_size, new.start_epochs), 0
-    counter = ItemCounter()
     owed, next_epochs = remainder(spec, handover, counter)
     return (Layout(new.world_size, new.workers, new.batch_size, next_epochs, handover),
             sum(_PieceSizer(counter)(p) for p in owed))

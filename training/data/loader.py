@@ -203,13 +203,14 @@ class TrainLoader:
                                cfg.sample_shuffle_buffer)
         self.resume_note: str | None = None
         self.layout = Layout(world_size, self.roles, cfg.batch_size, (0,) * len(sources))
+        self._counter = ItemCounter()  # shard item counts, shared by the replays below
         self._resume = ResumePoint.start(self.roles)
         if states is not None:
             self._resume_from(list(states))
         self._progress = ResumePoint(
             self._resume.batches_yielded, list(self._resume.consumed), list(self._resume.skipped)
         )
-        shares = layout_shares(self.spec, self.layout, ItemCounter())
+        shares = layout_shares(self.spec, self.layout, self._counter)
         mine = shares[rank * self.roles:(rank + 1) * self.roles]
         stream = TrainStream(cfg, self.spec, self.layout, mine, tokenize, pad_id, rank, self._resume)
         self._loader = DataLoader(
@@ -243,7 +244,7 @@ class TrainLoader:
             self._resume = ResumePoint(
                 state["batches_yielded"], list(state["consumed"]), list(state["skipped"]))
             return
-        self.layout, owed = handover_layout(self.spec, states, self.layout)
+        self.layout, owed = handover_layout(self.spec, states, self.layout, self._counter)
         shape = lambda l: f"{l.world_size} ranks x {l.workers} workers x batch {l.batch_size}"  # noqa: E731
         if self.spec.resampled:
             self.resume_note = (f"data: {shape(old)} -> {shape(self.layout)}; resampled shards "
