@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Callable, Iterator, Sequence
 
+import cv2
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -327,6 +328,7 @@ def _init_worker(worker_id: int) -> None:
     And a worker never outlives its trainer (`_die_with_parent`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    cv2.setNumThreads(1)  # a worker is one core's worth of decoding: no thread pool per resize
     _die_with_parent()
 
 

@@ -1,7 +1,8 @@
 """Image transforms for CLIP training and evaluation.
 
-Train: RandomResizedCrop (bicubic) -> optional horizontal flip -> optional brightness/contrast
-jitter -> uint8 tensor -> optional RandomErasing (mean colour). Batches leave the dataloader
+Train: RandomResizedCrop (`ResizedCrop`: torchvision's crop distribution, OpenCV's resize) ->
+uint8 tensor -> optional horizontal flip -> optional brightness/contrast jitter -> optional
+RandomErasing (mean colour). Batches leave the dataloader
 workers as uint8; the trainer normalises them on its device (`normalize_images`): a quarter of
 the bytes through the worker queue (and over PCIe on a GPU), and no float conversion in the
 workers, which on a CPU machine share the cores with the model (bench/data_loader.py).
@@ -14,7 +15,10 @@ sample inside `torch.random.fork_rng`.
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from training.data.config import AugmentConfig
@@ -26,21 +30,40 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_MEAN_UINT8 = tuple(round(255 * m) for m in CLIP_MEAN)
 
 
+class ResizedCrop:
+    """RandomResizedCrop: PIL RGB image -> uint8 tensor [3, size, size].
+
+    The crop is drawn by torchvision's `RandomResizedCrop.get_params` (same scale and ratio
+    distribution, same torch generator, so seeding per sample still fixes it); the resize is
+    OpenCV's, on the crop only. Measured on 256-px JPEGs cropped to 224 (one core, AMD EPYC):
+    torchvision's PIL bicubic 1.71 ms per image, OpenCV bicubic 0.64 ms, mean difference 0.28 of
+    255 levels. Bicubic has no antialiasing, which is harmless up to a 2x reduction (the JPEG is
+    already decoded at a reduced DCT scale, so the crop is rarely more than 2x the output);
+    beyond 2x, OpenCV's area filter averages every source pixel instead.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)) -> None:
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        crop = np.asarray(image)[top:top + height, left:left + width]
+        shrink = max(height, width) > 2 * self.size
+        resized = cv2.resize(crop, (self.size, self.size),
+                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+        return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).contiguous()
+
+
 def build_train_transform(cfg: AugmentConfig) -> T.Compose:
     """PIL RGB image -> uint8 tensor [3, cfg.image_size, cfg.image_size] (not yet normalised:
-    see `normalize_images`)."""
-    steps: list = [
-        T.RandomResizedCrop(
-            cfg.image_size, scale=tuple(cfg.scale), interpolation=T.InterpolationMode.BICUBIC
-        )
-    ]
+    see `normalize_images`). Everything after the crop works on the uint8 tensor."""
+    steps: list = [ResizedCrop(cfg.image_size, cfg.scale)]
     if cfg.hflip > 0:
         # Flips are not free for CLIP: captions saying "left"/"right" become wrong. Off by default.
         steps.append(T.RandomHorizontalFlip(p=cfg.hflip))
     if cfg.color_jitter > 0:
         # Brightness and contrast only: hue/saturation shifts contradict color words in captions.
         steps.append(T.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter))
-    steps.append(T.PILToTensor())
     if cfg.random_erasing > 0:
         # The mean colour, which normalisation turns into ~0 (what erasing after Normalize with
         # value 0 would paint).
