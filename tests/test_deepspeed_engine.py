@@ -25,20 +25,10 @@ def _ok(result) -> None:
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
 
 
-# The fp32 comparison runs the ViT `tiny`; the bf16 resume test runs the demo's `tiny_cnn`, whose
-# BatchNorm buffers must be cast with the weights (DeepSpeed 0.19 keeps buffers fp32 by default).
-MODEL = "model.name=tiny"
-
-
-def test_first_loss_matches_the_ddp_engine(corpus, tmp_path):
-    # Same seed, same first batch, fp32 everywhere: the engines must agree on the loss.
-    common = ("train.steps=2", "engine.precision=fp32", MODEL)
-    _ok(torchrun(2, *train_args(corpus, tmp_path / "ddp", *common)))
-    _ok(torchrun(2, *train_args(corpus, tmp_path / "ds", *common, "engine.name=deepspeed", "engine.zero_stage=1")))
-    ddp, ds = losses(tmp_path / "ddp"), losses(tmp_path / "ds")
-    torch.testing.assert_close(torch.tensor(ds[0]), torch.tensor(ddp[0]), rtol=1e-5, atol=1e-5)
-    # After one AdamW step from identical weights and gradients the second loss agrees too.
-    torch.testing.assert_close(torch.tensor(ds[1]), torch.tensor(ddp[1]), rtol=1e-4, atol=1e-4)
+# The bf16 resume test runs the demo's `tiny_cnn`, whose BatchNorm buffers must be cast with the
+# weights (DeepSpeed 0.19 keeps buffers fp32 by default).
+# The engines' equality in fp32 (ZeRO-1 == DDP, loss by loss, on 2 ranks and after a resume on
+# 1) is tests/test_world_size_resume.py::test_deepspeed_resumes_on_another_world_size_like_ddp.
 
 
 def test_zero2_bf16_run_resumes_from_its_checkpoint(corpus, tmp_path):
