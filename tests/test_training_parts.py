@@ -109,3 +109,18 @@ def test_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 2, {"x": torch.zeros(1)}, keep=3)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001.pt"]
+
+
+def test_sample_log_drops_the_steps_a_crash_lost_and_a_cut_line(tmp_path):
+    from training.sample_log import SampleLog, read_sample_log
+
+    log = SampleLog(tmp_path, 0, resumed_step=0)
+    log.record(1, ["s#1", "s#2"])
+    log.record(2, ["s#3"])
+    log.flush()
+    with (tmp_path / "sample_keys" / "rank_00000.tsv").open("a") as f:
+        f.write("3\ts#4\n1")  # step 3 was logged but its checkpoint never written; then a cut line
+    resumed = SampleLog(tmp_path, 0, resumed_step=2)
+    resumed.record(3, ["t#1"])
+    resumed.flush()
+    assert read_sample_log(tmp_path) == {0: [(1, "s#1"), (1, "s#2"), (2, "s#3"), (3, "t#1")]}

@@ -20,8 +20,9 @@ class SampleLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._pending: list[str] = []
         if self.path.exists():
+            # A line cut short by a crash mid-write has no newline: dropped with the lost steps.
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(True)
-                    if int(line.split("\t", 1)[0]) <= resumed_step]
+                    if line.endswith("\n") and int(line.split("\t", 1)[0]) <= resumed_step]
             partial = self.path.with_suffix(".tsv.partial")
             partial.write_text("".join(kept), encoding="utf-8")
             os.replace(partial, self.path)
