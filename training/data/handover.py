@@ -148,6 +148,8 @@ class ItemCounter:
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        # Replays already done (`remainder`): the handover note and the shares need the same one.
+        self.remainders: dict[Handover, tuple[list[Piece], tuple[int, ...]]] = {}
 
     def count(self, url: str) -> int:
         if url not in self.counts:
@@ -183,6 +185,8 @@ def remainder(
 ) -> tuple[list[Piece], tuple[int, ...]]:
     """What the interrupted layout's epochs still owed, in a fixed order, and the epoch (per
     source) the next layout's own streams begin with."""
+    if handover in counter.remainders:
+        return counter.remainders[handover]
     old = handover.layout
     shares = layout_shares(spec, old, counter)
     owed: list[Piece] = []
@@ -210,7 +214,8 @@ def remainder(
             next_epochs.append(max(epochs) + 1)
         else:
             next_epochs.append(old.start_epochs[i])
-    return owed, tuple(next_epochs)
+    counter.remainders[handover] = owed, tuple(next_epochs)
+    return counter.remainders[handover]
 
 
 def epoch_shard_list(spec: StreamSpec, layout: Layout, worker: int, source: int) -> list[str]:
