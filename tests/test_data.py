@@ -238,7 +238,7 @@ def test_tar_cut_at_a_member_header_is_reported(tmp_path):
         (tmp_path / "cut.tar").write_bytes(path.read_bytes()[:cut])
         items = list(read_shard(str(tmp_path / "cut.tar"), visit=0))
         assert [item["__key__"] for item in items[:2]] == ["k0", "k1"]
-        assert "end-of-archive" in items[2]["__error__"] and items[2]["__visit_total__"] == 3
+        assert "(truncated file)" in items[2]["__error__"] and items[2]["__visit_total__"] == 3
     assert all("__error__" not in item for item in read_shard(str(path), visit=0))
 
 
@@ -465,3 +465,20 @@ def test_jpegs_decode_at_a_reduced_scale_never_below_what_the_crop_needs():
     assert decode_image({"jpg": encoded.getvalue()}).size == (256, 256)
     too_big = smallest_decode_size(DataConfig(train_shards="x", image_size=224, scale=(0.9, 1.0)).augment())
     assert decode_image({"jpg": encoded.getvalue()}, too_big).size == (256, 256)
+
+
+@pytest.mark.parametrize("height, width, scale", [
+    (256, 256, (0.9, 1.0)), (200, 320, (0.08, 1.0)), (480, 120, (0.5, 1.0)), (1, 1, (0.9, 1.0))])
+def test_crop_box_draws_torchvisions_boxes_and_leaves_the_generator_where_it_would(
+        height, width, scale):
+    from torchvision import transforms as T
+    from training.data.transforms import crop_box
+
+    image = Image.new("RGB", (width, height))
+    for seed in range(300):
+        torch.manual_seed(seed)
+        reference = T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+        after_reference = torch.rand(1)
+        torch.manual_seed(seed)
+        assert crop_box(height, width, scale, (3 / 4, 4 / 3)) == tuple(reference), seed
+        assert torch.equal(torch.rand(1), after_reference)  # the same number of draws taken

@@ -40,6 +40,14 @@ def test_short_run_lowers_the_loss_clearly(corpus, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     zeroshot = [r for r in records if "zeroshot/demo_heldout/acc1" in r]
     assert [r["step"] for r in zeroshot] == [30, 60]
+    # Loader telemetry in every step's record: the worker's rate and where its time went.
+    steps = [r for r in records if "loss" in r]
+    assert all(r["data_worker_samples_per_s"] > 0 for r in steps)
+    shares = [sum(r[f"data_{s}_frac"] for s in ("read", "decode", "augment", "tokenize"))
+              for r in steps]
+    assert all(0 < share <= 1.0 for share in shares), shares
+    assert all(r["data_decode_frac"] > 0 and r["data_augment_frac"] > 0 for r in steps)
+    assert all(r["data_queue_depth"] >= 0 for r in steps)
     assert (run_dir / "finished.json").is_file()
     trained = load_trained_model(ckpt.latest_checkpoint(run_dir))
     assert trained.step == 60 and trained.image_size == 32
@@ -111,6 +119,8 @@ def test_existing_run_is_never_overwritten(corpus, tmp_path):
         ("train.stepz=3", "unknown config key train.stepz"),
         ("data.batch_size=lots", "data.batch_size: expected an integer"),
         ("model.name=giant", "unknown model 'giant'"),
+        ("data.augment_on=gpu", "augment_on must be one of workers, device"),
+        ("data.augment_on=device", "no GPU): use data.augment_on=workers"),
     ],
 )
 def test_config_mistakes_are_one_line(corpus, tmp_path, override, message):

@@ -108,6 +108,10 @@ MakeZeroShot = Callable[[str, int, torch.device], ZeroShotHook]
 def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
     env = setup_distributed(cfg.engine.device)
     try:
+        if cfg.data.augment_on == "device" and env.device.type != "cuda":
+            raise UserError(
+                f"data.augment_on=device moves the resize and augmentation onto the GPU, and "
+                f"this run is on {env.device.type} (no GPU): use data.augment_on=workers")
         torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seed: different patch dropout etc.
         tokenizer = load_tokenizer(cfg)
         model_cfg = build_model_config(cfg, tokenizer)

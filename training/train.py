@@ -22,6 +22,8 @@ from training.optim import OptimConfig, lr_at, set_lr
 from training.run_config import CheckpointConfig, TrainConfig
 from training.sample_log import SampleLog
 from training.run_log import RunLog
+from training.data.device_augment import augment_on_device
+from training.data.telemetry import data_bound_message
 from training.data.transforms import normalize_images
 
 
@@ -69,12 +71,15 @@ class StopSignal:
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """A loader batch on the model's device: images normalised there from uint8, tokens moved."""
+    """A loader batch on the model's device: images normalised there from uint8 (and first
+    resized and augmented there, for data.augment_on=device), tokens moved."""
     non_blocking = device.type == "cuda"
-    return {
-        "image": normalize_images(batch["image"], device),  # uint8 from the workers
-        "text": batch["text"].to(device, non_blocking=non_blocking),
-    }
+    if "augment_params" in batch:
+        size = batch["augment_size"]
+        images = augment_on_device(batch["image"], batch["augment_params"], size, device)
+    else:
+        images = normalize_images(batch["image"], device)  # uint8 from the workers
+    return {"image": images, "text": batch["text"].to(device, non_blocking=non_blocking)}
 
 
 def train_step(
@@ -244,7 +249,7 @@ def train(
             log.message(f"checkpoint: {path}")
 
     first_step = progress.step
-    said_skips = False
+    said_skips = said_data_bound = False
     marker = run_dir / "finished.json"
     if env.is_main and progress.step < total_steps and marker.exists():
         marker.unlink()  # resumed with steps left (e.g. a longer schedule): no longer finished
@@ -269,13 +274,21 @@ def train(
 
             if progress.step % log_every == 0 or progress.step == total_steps:
                 scale = engine.module.logit_scale.float().exp().clamp(max=100).item()
-                log.log(progress.step, window.record(
+                metrics = window.record(
                     result=result, lr=lr, logit_scale=scale, global_batch=global_batch,
                     world_size=env.world_size, progress=progress,
                     skipped_samples=loader.skipped_samples,
                     steps_per_epoch=loader.steps_per_epoch(global_batch),
-                ))
+                )
+                metrics.update(loader.telemetry())
+                log.log(progress.step, metrics)
                 window = MetricsWindow()
+                # Said once, after the first window (warm-up included, so not at the first
+                # step, when every run waits for its workers to start).
+                bound = data_bound_message(metrics, getattr(loader.cfg, "workers", 1))
+                if bound and not said_data_bound and progress.step > first_step + log_every:
+                    said_data_bound = True
+                    log.message(bound)
                 if loader.skipped_samples and not said_skips:
                     said_skips = True
                     log.message(

@@ -11,6 +11,9 @@ from typing import Any
 from training.data.sources import SOURCE_SEPARATOR
 
 
+AUGMENT_ON = ("workers", "device")
+
+
 class DataError(Exception):
     """The data cannot be used as configured (shown by the CLI as one line)."""
 
@@ -33,6 +36,9 @@ class DataConfig:
     workers: dataloader worker processes per rank; 0 = load in the main process.
     batch_size: per rank.
     scale, hflip, color_jitter, random_erasing: augmentation, see training.data.transforms.
+    augment_on: "workers" (decode and augment in the dataloader workers) or "device" (workers
+        decode, draw and crop; resize, flip, jitter, erasing and normalisation run batched on
+        the GPU: training.data.device_augment). Same random draws either way.
     """
 
     train_shards: str
@@ -48,6 +54,8 @@ class DataConfig:
     hflip: float = 0.0
     color_jitter: float = 0.0
     random_erasing: float = 0.0
+    on: str = "workers"  # or "device": see DataConfig.augment_on
+    augment_on: str = "workers"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,17 +89,23 @@ class DataConfig:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if self.color_jitter < 0:
             raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, "
+                             f"got {self.augment_on!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that shape the batch sequence; a resume must not change any of them."""
         fields = dataclasses.asdict(self)
         fields.pop("num_samples")
+        # Where the augmentation runs changes no draw and no sample order, only the resize
+        # filter: a run may move between the two (e.g. onto a GPU machine) and resume exactly.
+        fields.pop("augment_on")
         fields["scale"] = list(self.scale)
         return fields
 
     def augment(self) -> AugmentConfig:
         return AugmentConfig(self.image_size, self.scale, self.hflip, self.color_jitter,
-                             self.random_erasing)
+                             self.random_erasing, self.augment_on)
 
 
 @dataclass(frozen=True)
@@ -103,3 +117,4 @@ class AugmentConfig:
     hflip: float = 0.0
     color_jitter: float = 0.0
     random_erasing: float = 0.0
+    on: str = "workers"  # or "device": see DataConfig.augment_on

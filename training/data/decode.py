@@ -6,13 +6,30 @@ makes a sample unusable is decided by `data_pipeline.shard_format`, the same jud
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
 from data_pipeline.shard_format import BadSample, RawSample, decode_caption, decode_image
+from training.data.device_augment import DrawnCrop, collate_crops
+from training.data.transforms import stack_images
 from training.text.tokenizer import pad_batch
+
+
+@dataclass
+class StageTimes:
+    """Seconds a worker spent per stage (loader telemetry: which stage makes a run data-bound)."""
+
+    read: float = 0.0  # tar members and the shuffle buffer, up to the raw sample
+    decode: float = 0.0  # JPEG -> pixels
+    augment: float = 0.0  # crop, resize, flip, ...
+    tokenize: float = 0.0
+
+    def as_list(self) -> list[float]:
+        return [self.read, self.decode, self.augment, self.tokenize]
 
 
 def decode_sample(
@@ -21,18 +38,22 @@ def decode_sample(
     tokenize: Callable[[str], Sequence[int]],
     augment_seed: int | None = None,
     min_image_size: int | None = None,
-) -> tuple[torch.Tensor, Sequence[int]]:
+    times: StageTimes | None = None,
+) -> tuple[torch.Tensor | DrawnCrop, Sequence[int]]:
     """Raises BadSample for anything wrong with the data. Tokenizer errors propagate: they are
     bugs, not bad data.
 
     augment_seed: if given, the transform's random draws come from torch's generator seeded with
     it, inside fork_rng so the caller's RNG state (the trainer's, when workers=0) is untouched.
     min_image_size: smallest image side the transform needs (see `decode_image`).
+    times: if given, the seconds spent decoding, augmenting and tokenizing are added to it.
     """
     if "__error__" in raw:
         raise BadSample(raw["__error__"])
     caption = decode_caption(raw)  # cheaper than the image: check it first
+    started = time.perf_counter()
     image = decode_image(raw, min_image_size)
+    decoded = time.perf_counter()
     if augment_seed is None:
         pixels = transform(image)
     else:
@@ -43,18 +64,28 @@ def decode_sample(
             # (bench/data_loader.py). Same draws as torch.manual_seed on the CPU.
             torch.default_generator.manual_seed(augment_seed)
             pixels = transform(image)
+    augmented = time.perf_counter()
     tokens = tokenize(caption)
+    if times is not None:
+        times.decode += decoded - started
+        times.augment += augmented - decoded
+        times.tokenize += time.perf_counter() - augmented
     if len(tokens) == 0:
         raise BadSample("caption tokenized to nothing")
     return pixels, tokens
 
 
 def collate(
-    images: list[torch.Tensor], token_lists: list[Sequence[int]], pad_id: int
+    images: list[torch.Tensor] | list[DrawnCrop], token_lists: list[Sequence[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:
     """Stack images; pad texts to the longest caption *of this batch* (dynamic text length:
-    short captions cost no attention over padding)."""
-    return {"image": torch.stack(images), "text": pad_batch(token_lists, pad_id)}
+    short captions cost no attention over padding). Crops for the device's augmentation
+    (`data.augment_on=device`) travel as padded uint8 crops plus their drawn parameters."""
+    text = pad_batch(token_lists, pad_id)
+    if images and isinstance(images[0], DrawnCrop):
+        crops, params = collate_crops(images)
+        return {"image": crops, "augment_params": params, "text": text}
+    return {"image": stack_images(images), "text": text}
 
 
 class ShardJudge:

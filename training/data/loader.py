@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import weakref
 from dataclasses import dataclass
 from itertools import count
@@ -42,12 +43,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.shard_format import BadSample
 from training.data.config import AugmentConfig, DataConfig, DataError
-from training.data.decode import ShardJudge, collate, decode_sample
+from training.data.decode import ShardJudge, StageTimes, collate, decode_sample
+from training.data.device_augment import DrawCrop
 from training.data.handover import (
     STREAM_VERSION, ItemCounter, Layout, Piece, StreamSpec, handover_layout, layout_shares,
     worker_stream,
 )
 from training.data.sources import derive_seed, expand_sources, read_shard_sizes
+from training.data.telemetry import LoaderTelemetry
 from training.data.transforms import build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -109,8 +112,9 @@ class TrainStream(IterableDataset):
     def _batches(self, role: int) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         global_worker = self.rank * self.roles + role
-        transform = build_train_transform(cfg.augment())
-        decode_size = smallest_decode_size(cfg.augment())
+        augment = cfg.augment()
+        transform = DrawCrop(augment) if augment.on == "device" else build_train_transform(augment)
+        decode_size = smallest_decode_size(augment)
         raw = self.raw_samples(role)
         judge = ShardJudge()
         consumed, skipped = self.resume.consumed[role], self.resume.skipped[role]
@@ -119,14 +123,21 @@ class TrainStream(IterableDataset):
         images: list[torch.Tensor] = []
         token_lists: list[Sequence[int]] = []
         keys: list[str] = []
-        for item in raw:
+        times, started = StageTimes(), time.perf_counter()
+        while True:
+            read_from = time.perf_counter()
+            item = next(raw, None)
+            if item is None:
+                return
+            times.read += time.perf_counter() - read_from
             # Seeding per raw sample index makes augmentation independent of history (resume).
             augment_seed = derive_seed(cfg.seed, "augment", global_worker, consumed,
                                        *self.layout.start_epochs)
             consumed += 1
             try:
                 pixels, tokens = decode_sample(
-                    item, transform, self.tokenize, augment_seed, min_image_size=decode_size
+                    item, transform, self.tokenize, augment_seed, min_image_size=decode_size,
+                    times=times,
                 )
             except BadSample as skip:
                 skipped += 1
@@ -143,9 +154,14 @@ class TrainStream(IterableDataset):
             keys.append(f"{item['__url__']}#{item['__key__']}")
             if len(images) == cfg.batch_size:
                 batch = collate(images, token_lists, self.pad_id)
-                batch.update(keys=keys, __role__=role, __consumed__=consumed, __skipped__=skipped)
+                if "augment_params" in batch:  # data.augment_on=device: resized there
+                    batch["augment_size"] = cfg.image_size
+                batch.update(keys=keys, __role__=role, __consumed__=consumed, __skipped__=skipped,
+                             __times__=[*times.as_list(), time.perf_counter() - started])
                 yield batch
                 images, token_lists, keys = [], [], []
+                # The time spent blocked on the queue (inside yield) is not the worker's work.
+                times, started = StageTimes(), time.perf_counter()
 
 
 def smallest_decode_size(cfg: AugmentConfig) -> int:
@@ -223,6 +239,7 @@ class TrainLoader:
             worker_init_fn=_init_worker,
         )
         self._iterator: Iterator[dict[str, Any]] | None = None
+        self._telemetry = LoaderTelemetry()
         _track_for_exit(self)
 
     def _resume_from(self, states: list[dict[str, Any]]) -> None:
@@ -262,6 +279,7 @@ class TrainLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._iterator = iter(self._loader)
+        self._telemetry.add_depth(_ready_batches(self._iterator))
         batch = next(self._iterator)
         if _DATA_ERROR_KEY in batch:
             self.close()
@@ -275,7 +293,13 @@ class TrainLoader:
         progress.consumed[role] = batch.pop("__consumed__")
         progress.skipped[role] = batch.pop("__skipped__")
         progress.batches_yielded += 1
+        self._telemetry.add_batch(batch["text"].shape[0], batch.pop("__times__"))
         return batch
+
+    def telemetry(self) -> dict[str, float]:
+        """Loader metrics since the last call (training.data.telemetry), then starts anew."""
+        window, self._telemetry = self._telemetry, LoaderTelemetry()
+        return window.record()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -310,6 +334,16 @@ class TrainLoader:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def _ready_batches(iterator) -> int | None:
+    """Batches already made and waiting when the trainer asks (None: no worker processes, or a
+    platform whose queues cannot count). DataLoader's queue is private API, hence the guard."""
+    queue = getattr(iterator, "_data_queue", None)
+    try:
+        return queue.qsize() if queue is not None else None
+    except (NotImplementedError, OSError):
+        return None
 
 
 def build_train_loader(

@@ -7,6 +7,7 @@ and `checkpoint.resume=latest` find every run's checkpoints the same way.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.errors import UserError
@@ -83,8 +85,15 @@ class DeepSpeedEngine:
     def __init__(self, model, optimizer, env: Distributed, ds_config: dict):
         import deepspeed  # lazy: slow to import and only needed for this engine
 
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            # One process started without torchrun (`python -m training.main`): DeepSpeed would
+            # look for MPI (failing on a missing mpi4py), and asserts that LOCAL_RANK is set.
+            # A one-rank group needs no rendezvous; LOCAL_RANK is what torchrun would have set.
+            os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         # Reuses the process group setup_distributed made (gloo on CPU, NCCL on GPUs).
-        deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
         self._scalars = _scalars_as_vectors(model)
         self.env = env
         self.ds_config = ds_config
@@ -170,7 +179,6 @@ class DeepSpeedEngine:
 
     def _universal_tag(self, ds_dir: Path, tag: str) -> str:
         """Convert ds_dir/tag to ds_dir/tag_universal once (rank 0; the others wait)."""
-        import torch.distributed as dist
 
         out = ds_dir / f"{tag}_universal"
         if self.env.is_main and not out.is_dir():
