@@ -13,7 +13,7 @@ SHARDS_ARGS ?=
 CONFIG ?= configs/tiny_demo.toml
 TRAIN_ARGS ?=
 
-.PHONY: install shards validate tokenizer train eval demo test bench bench-learning clean
+.PHONY: install shards validate tokenizer train eval demo test bench bench-learning gpu-pack gpu-check-dry clean
 
 install: $(STAMP)
 
@@ -73,6 +73,26 @@ bench: $(BENCH_STAMP)
 LEARNING_ARGS ?=
 bench-learning: $(BENCH_STAMP)
 	$(PY) -m bench.sample_efficiency $(LEARNING_ARGS)
+
+# The GPU check (bench/gpu_check.sh, issue #17). A GPU image has torch, torchvision, timm and
+# OpenCV but no network: `make gpu-pack` puts the other packages (Python 3.12 wheels) in .whl/
+# and builds the bench corpus; carry `.whl` and `data/bench/corpus` to the GPU machine and run
+# `bash bench/gpu_check.sh` there (-> bench/results_gpu.md). `make gpu-check-dry` runs every step
+# once on this CPU.
+GPU_WHEELS := webdataset==0.2.86 braceexpand==0.1.7 open_clip_torch==3.3.0 clip_benchmark==1.6.2 \
+	ftfy==6.3.1 wcwidth==0.9.4 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-pack: $(BENCH_STAMP)
+	$(PY) -m bench.corpus
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	du -sh .whl data/bench/corpus
+
+gpu-check-dry: $(BENCH_STAMP)
+	bash bench/gpu_check.sh --dry-run
 
 clean:
 	rm -rf data runs

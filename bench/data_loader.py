@@ -73,16 +73,63 @@ def _time_batches(batches, warmup: int, timed: int, batch_size) -> float:
     return samples / (time.perf_counter() - started)
 
 
-def ours(pattern: str, tokenizer: Tokenizer, args: argparse.Namespace) -> float:
+def ours(pattern: str, tokenizer: Tokenizer, args: argparse.Namespace,
+         augment_on: str = "workers") -> float:
     cfg = DataConfig(
         train_shards=pattern, num_samples=4096, batch_size=args.batch, image_size=args.image_size,
-        workers=args.workers, sample_shuffle_buffer=256, scale=(0.9, 1.0),
+        workers=args.workers, sample_shuffle_buffer=256, scale=(0.9, 1.0), augment_on=augment_on,
     )
     loader = build_train_loader(cfg, tokenizer.encode, tokenizer.pad_id)
     try:
         return _time_batches(loader, args.warmup, args.batches, lambda b: b["image"].shape[0])
     finally:
         loader.close()
+
+
+def batched_augment_rate(pattern: str, tokenizer: Tokenizer, args: argparse.Namespace,
+                         device: str) -> float:
+    """Samples/s of the device half of data.augment_on=device (resize, normalise) on `device`,
+    over batches the loader's worker half made beforehand."""
+    import torch
+
+    from training.data.device_augment import augment_on_device
+
+    cfg = DataConfig(
+        train_shards=pattern, num_samples=4096, batch_size=args.batch, image_size=args.image_size,
+        workers=0, sample_shuffle_buffer=0, scale=(0.9, 1.0), augment_on="device",
+    )
+    loader = build_train_loader(cfg, tokenizer.encode, tokenizer.pad_id)
+    batches = [next(loader) for _ in range(max(2, args.warmup + 1))]
+    target = torch.device(device)
+    sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
+    for batch in batches[:1]:  # warm-up: kernels, allocator
+        augment_on_device(batch["image"], batch["augment_params"], args.image_size, target)
+    sync()
+    started = time.perf_counter()
+    rounds = 3 if target.type == "cpu" else 20
+    for _ in range(rounds):
+        for batch in batches:
+            augment_on_device(batch["image"], batch["augment_params"], args.image_size, target)
+    sync()
+    return rounds * len(batches) * args.batch / (time.perf_counter() - started)
+
+
+def measure_device_path(args: argparse.Namespace, device: str = "cpu") -> dict:
+    """data.augment_on=device: what the CPU side makes per worker (decode, draws, crop), next
+    to PIL's decode-only rate on the same JPEGs (issue #17's goal: within 1.5x), and what the
+    batched half does on `device`."""
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    cpu_side = ours(args.loader_shards, tokenizer, args, augment_on="device")
+    raw = raw_decode_limit(args.loader_shards, args.batches * args.batch, args.workers)
+    return {
+        "device_path_samples_per_s": cpu_side,
+        "raw_decode_samples_per_s": raw,
+        "ratio_to_raw_decode": cpu_side / raw,
+        "augment_samples_per_s": batched_augment_rate(
+            args.loader_shards, tokenizer, args, device),
+        "device": device,
+        "workers": args.workers,
+    }
 
 
 def openclip(pattern: str, args: argparse.Namespace) -> float:
@@ -115,8 +162,12 @@ def measure(args: argparse.Namespace) -> dict:
     raw = raw_decode_limit(args.loader_shards, samples, args.workers)
     reference = openclip(args.loader_shards, args)
     second = ours(args.loader_shards, tokenizer, args)
+    device_side = ours(args.loader_shards, tokenizer, args, augment_on="device")
     mean = (first + second) / 2
     return {
+        # data.augment_on=device: the workers' side alone (the resize runs on the GPU).
+        "device_path_samples_per_s": device_side,
+        "device_path_ratio_to_raw_decode": device_side / raw,
         "ours_samples_per_s": mean,
         "ours_readings": [first, second],
         "raw_decode_samples_per_s": raw,
