@@ -56,7 +56,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Speed next to its yardsticks (OpenCLIP's trainer and loader, CLIP_benchmark, the matmul peak)
-# -> bench/results.md and bench/results.json; ~9 min on 2 CPU cores, builds its 256-px corpus
+# -> bench/results.md and bench/results.json; ~9-35 min on 2 CPU cores (bf16 vs fp32 machines), builds its 256-px corpus
 # into data/bench on first use. BENCH_ARGS=--quick for a smoke test (numbers not for quoting).
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=

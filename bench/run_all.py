@@ -1,7 +1,7 @@
 """`make bench`: every speed figure of the pipeline next to its yardstick, measured in one run on
 this machine, written to bench/results.md (table) and bench/results.json.
 
-    .venv/bin/python -m bench.run_all            # ~9 min on 2 CPU cores
+    .venv/bin/python -m bench.run_all            # ~9 min (bf16 CPUs) to ~35 min (fp32 CPUs) on 2 cores
     .venv/bin/python -m bench.run_all --quick    # smoke test, a few minutes; not for quoting
     .venv/bin/python -m bench.run_all --device cuda --model vit_b16 --batch 256   # on a GPU
 
