@@ -22,22 +22,12 @@ for logging and schedules.
 
 from __future__ import annotations
 
-import atexit
-import ctypes
-import ctypes.util
 import logging
 import math
-import multiprocessing
-import os
-import signal
-import sys
 import time
-import weakref
 from dataclasses import dataclass
-from itertools import count
 from typing import Any, Callable, Iterator, Sequence
 
-import cv2
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -51,6 +41,7 @@ from training.data.handover import (
 )
 from training.data.sources import derive_seed, expand_sources, read_shard_sizes
 from training.data.telemetry import LoaderTelemetry
+from training.data.workers import init_worker, track_for_exit
 from training.data.transforms import build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -63,7 +54,6 @@ Tokenize = Callable[[str], Sequence[int]]
 _DATA_ERROR_KEY = "__data_error__"
 # How many skipped samples each worker logs with their reason before it goes quiet.
 _SKIPS_LOGGED_PER_WORKER = 5
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -236,11 +226,11 @@ class TrainLoader:
             num_workers=cfg.workers,
             persistent_workers=cfg.workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_init_worker,
+            worker_init_fn=init_worker,
         )
         self._iterator: Iterator[dict[str, Any]] | None = None
         self._telemetry = LoaderTelemetry()
-        _track_for_exit(self)
+        track_for_exit(self)
 
     def _resume_from(self, states: list[dict[str, Any]]) -> None:
         """Set the layout and resume point from a checkpoint's per-rank states."""
@@ -353,59 +343,3 @@ def build_train_loader(
     """tokenize must be picklable (it is sent to worker processes); states: every rank's
     state_dict() from the checkpoint being resumed."""
     return TrainLoader(cfg, tokenize, pad_id, rank=rank, world_size=world_size, states=states)
-
-
-def _init_worker(worker_id: int) -> None:
-    """SLURM sends SIGTERM (scancel, time limit) or its USR1 warning to every process of a job
-    step, workers included. A worker that dies of it makes the trainer crash before its last
-    checkpoint; the trainer stops its workers itself once it has saved, so they ignore both.
-    And a worker never outlives its trainer (`_die_with_parent`)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    cv2.setNumThreads(1)  # a worker is one core's worth of decoding: no thread pool per resize
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel sends this worker SIGKILL when the trainer dies, however it dies (a
-    worker blocked on a full queue otherwise outlived a `kill -9`ed trainer). Elsewhere, torch's
-    own watchdog (a parent-alive check between batches) is all there is."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
-        os._exit(0)
-
-
-# Loaders whose workers `_kill_loader_workers_at_exit` stops; the handler is registered when the
-# first loader is built, so importing this module (e.g. to read a run config) installs nothing.
-_live_loaders: weakref.WeakSet[TrainLoader] = weakref.WeakSet()
-_exit_handler_registered = False
-
-
-def _track_for_exit(loader: TrainLoader) -> None:
-    global _exit_handler_registered
-    _live_loaders.add(loader)
-    if not _exit_handler_registered:
-        atexit.register(_kill_loader_workers_at_exit)
-        _exit_handler_registered = True
-
-
-def _kill_loader_workers_at_exit() -> None:
-    """The other half of `_init_worker`. At interpreter exit multiprocessing stops daemon
-    children with SIGTERM and then waits for them, so a trainer leaving by an exception (a dead
-    peer under torchrun, a bad batch mid-run) would wait forever on workers that ignore it. A
-    loader worker holds nothing worth saving: it gets SIGKILL. atexit runs the last-registered
-    handler first, so this runs before multiprocessing's (registered when torch imported it)."""
-    children = [w for loader in list(_live_loaders) for w in loader.worker_processes() if w.is_alive()]
-    if children:
-        # The DataLoader's SIGCHLD handler would report each kill as a second, misleading error.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in children:
-        child.kill()
-
