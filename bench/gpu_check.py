@@ -33,9 +33,9 @@ import traceback
 from argparse import Namespace
 from pathlib import Path
 
-from bench import data_loader, eval_throughput, machine, matmul_peak, train_throughput
-from bench.corpus import ROOT as BENCH_CORPUS, caption_lengths, ensure_corpus
-from bench.flops import mfu, train_flops_per_sample
+from bench import data_loader, eval_throughput, machine, matmul_peak, run_all, train_throughput
+from bench.corpus import ROOT as BENCH_CORPUS, ensure_corpus
+from bench.flops import mfu
 from training.parallel.precision import choose_precision
 
 BENCH = Path(__file__).resolve().parent
@@ -48,21 +48,6 @@ def _shard_pattern(train: Path, count: int) -> str:
     if not names:
         raise FileNotFoundError(f"no .tar shards in {train}")
     return str(train / ("{" + ",".join(names) + "}.tar" if len(names) > 1 else f"{names[0]}.tar"))
-
-
-def _flops_per_sample(corpus: Path, model_name: str, image_size: int, shards: str,
-                      batch: int) -> float:
-    import dataclasses
-
-    from training.model import build_model
-    from training.model.configs import MODEL_CONFIGS, with_tokenizer
-    from training.text.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_file(corpus / "tokenizer.json")
-    cfg = with_tokenizer(MODEL_CONFIGS[model_name](), tokenizer)
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size))
-    lengths = caption_lengths(shards, corpus / "tokenizer.json")
-    return train_flops_per_sample(build_model(cfg), cfg, lengths, batch)["total"]
 
 
 class Check:
@@ -110,7 +95,9 @@ class Check:
         workdir = self.work / label
         shutil.rmtree(workdir, ignore_errors=True)
         result = train_throughput.run_ours(args, workdir, overrides)
-        flops = _flops_per_sample(self.corpus, model, args.image_size, self.shards, args.batch)
+        flops = run_all.model_flops(Namespace(
+            model=model, tokenizer=str(self.corpus / "tokenizer.json"),
+            image_size=args.image_size, shards=self.shards, batch=args.batch))["total"]
         peak = self.results.get("peak", {})
         out = {"model": model, "batch": args.batch, "overrides": list(overrides),
                "samples_per_s": result["samples_per_s"], "data_wait_frac": result["data_wait_frac"],

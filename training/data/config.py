@@ -54,7 +54,6 @@ class DataConfig:
     hflip: float = 0.0
     color_jitter: float = 0.0
     random_erasing: float = 0.0
-    on: str = "workers"  # or "device": see DataConfig.augment_on
     augment_on: str = "workers"
     seed: int = 0
 

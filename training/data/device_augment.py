@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 
 from training.data.config import AugmentConfig
-from training.data.transforms import CLIP_MEAN, CLIP_MEAN_UINT8, CLIP_STD, crop_box
+from training.data.transforms import CLIP_MEAN_UINT8, CROP_RATIO, crop_box, normalize_
 
 # Per-sample parameters shipped with the crops, one float row each.
 H, W, FLIP, BRIGHTNESS, CONTRAST, BRIGHTNESS_FIRST, ERASE_TOP, ERASE_LEFT, ERASE_H, ERASE_W = range(10)
@@ -60,7 +60,7 @@ class DrawCrop:
 
     def __call__(self, image: Image.Image) -> DrawnCrop:
         cfg = self.cfg
-        top, left, height, width = crop_box(image.height, image.width, cfg.scale, (3 / 4, 4 / 3))
+        top, left, height, width = crop_box(image.height, image.width, cfg.scale, CROP_RATIO)
         params = [0.0] * PARAMS
         params[H], params[W] = height, width
         params[BRIGHTNESS] = params[CONTRAST] = 1.0
@@ -146,6 +146,4 @@ def augment_on_device(images: torch.Tensor, params: torch.Tensor, size: int,
                   & (cols >= left) & (cols < left + p[:, ERASE_W].view(-1, 1, 1)))
         fill = torch.tensor(CLIP_MEAN_UINT8, device=device, dtype=x.dtype).view(1, 3, 1, 1)
         x = torch.where(inside.unsqueeze(1), fill, x)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
-    return x.sub_(mean).div_(std)
+    return normalize_(x)

@@ -30,6 +30,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The mean colour in 0..255: what RandomErasing paints before normalisation (it becomes ~0).
 CLIP_MEAN_UINT8 = tuple(round(255 * m) for m in CLIP_MEAN)
+# RandomResizedCrop's aspect-ratio range (torchvision's and OpenCLIP's default).
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float],
@@ -77,7 +79,7 @@ class ResizedCrop:
     beyond 2x, OpenCV's area filter averages every source pixel instead.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)) -> None:
+    def __init__(self, size: int, scale: tuple[float, float], ratio=CROP_RATIO) -> None:
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -122,9 +124,13 @@ def normalize_images(images: torch.Tensor, device: torch.device) -> torch.Tensor
     """uint8 [B, 3, H, W] from the train loader -> float32 CLIP-normalised, on `device`. The
     copy moves uint8 (4x fewer bytes); the arithmetic then runs where the model runs."""
     non_blocking = device.type == "cuda"  # the loader pins its batches when CUDA is present
-    pixels = images.to(device, non_blocking=non_blocking).float()
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
+    return normalize_(images.to(device, non_blocking=non_blocking).float())
+
+
+def normalize_(pixels: torch.Tensor) -> torch.Tensor:
+    """Float [B, 3, H, W] in 0..255 -> CLIP-normalised, in place (on the tensor's device)."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1) * 255
     return pixels.sub_(mean).div_(std)
 
 
