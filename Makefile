@@ -13,7 +13,7 @@ SHARDS_ARGS ?=
 CONFIG ?= configs/tiny_demo.toml
 TRAIN_ARGS ?=
 
-.PHONY: install shards validate tokenizer train eval demo test bench bench-learning gpu-pack gpu-check-dry clean
+.PHONY: install shards curate validate tokenizer train eval demo test bench bench-learning gpu-pack gpu-check-dry clean
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ $(STAMP): pyproject.toml
 
 shards: $(STAMP)
 	$(PY) -m data_pipeline.shards --output $(SHARDS) $(if $(URL_LIST),--url-list $(URL_LIST)) $(SHARDS_ARGS)
+
+# Curate a shard pool (data_pipeline/curate/): exact and near dedup, caption filters, and with a
+# model (CURATE_ARGS="--checkpoint runs/X --clip-score-top 0.3") the CLIP-score filter. The demo's
+# flat renders defeat perceptual hashes (colour-blind), so the default leaves those off.
+CURATE_SHARDS ?= $(DEMO)/train
+CURATED ?= data/curated
+CURATE_ARGS ?= --no-hash-dedup
+curate: $(STAMP)
+	$(PY) -m data_pipeline.curate --shards $(CURATE_SHARDS) --out $(CURATED) $(CURATE_ARGS)
 
 validate: $(STAMP)
 	$(PY) -m data_pipeline.validate $(SHARDS)
