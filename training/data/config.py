@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,8 @@ class DataConfig:
     augment_on: "workers" (decode and augment in the dataloader workers) or "device" (workers
         decode, draw and crop; resize, flip, jitter, erasing and normalisation run batched on
         the GPU: training.data.device_augment). Same random draws either way.
+    keep_list: a keep_list.parquet from `python -m data_pipeline.curate`: only its kept pairs
+        of train_shards are used (training.data.keep_list), without copying the shards.
     """
 
     train_shards: str
@@ -55,6 +58,7 @@ class DataConfig:
     color_jitter: float = 0.0
     random_erasing: float = 0.0
     augment_on: str = "workers"
+    keep_list: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +92,9 @@ class DataConfig:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if self.color_jitter < 0:
             raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
+        if self.keep_list is not None and not os.path.isfile(self.keep_list):
+            raise ValueError(f"keep_list {self.keep_list}: no such file (write one with "
+                             "python -m data_pipeline.curate)")
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, "
                              f"got {self.augment_on!r}")

@@ -93,6 +93,8 @@ class StreamSpec:
     resampled: bool
     shard_shuffle: bool
     buffer_size: int
+    # One shard reading: read_shard, or a keep-list's filter of it (training.data.keep_list).
+    read: Any = read_shard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,11 +112,11 @@ def worker_stream(
     if spec.resampled:
         streams: list[Any] = [
             resampled_stream(urls, seed=spec.seed, source=i, worker=worker,
-                             buffer_size=spec.buffer_size, visits=visits)
+                             buffer_size=spec.buffer_size, visits=visits, read=spec.read)
             for i, urls in enumerate(spec.sources)
         ]
     else:
-        read = read_shard if reader is None else reader.references
+        read = spec.read if reader is None else reader.references
         streams = [
             EpochStream(urls, seed=spec.seed, source=i, shuffle=spec.shard_shuffle, worker=worker,
                         num_workers=layout.num_workers, buffer_size=spec.buffer_size,
@@ -125,16 +127,16 @@ def worker_stream(
                         random.Random(derive_seed(spec.seed, "mix", worker, *layout.start_epochs)))
     if not share:
         return mixed, streams
-    items = read_pieces(share, visits) if reader is None else reader.piece_references(share)
+    items = read_pieces(share, visits, spec.read) if reader is None else reader.piece_references(share)
     share_rng = random.Random(derive_seed(spec.seed, "handover", worker, *layout.start_epochs))
     return chain(shuffle_buffer(items, spec.buffer_size, share_rng), mixed), streams
 
 
-def read_pieces(pieces: Sequence[Piece], visits: Iterator[int]) -> Iterator[RawSample]:
+def read_pieces(pieces: Sequence[Piece], visits: Iterator[int], read: Any = read_shard) -> Iterator[RawSample]:
     """The samples a share names, shard by shard. They carry no `__visit_total__`: a share holds
     parts of readings, which the shard judge must not mistake for whole ones."""
     for url, start, stop in pieces:
-        for index, item in enumerate(read_shard(url, next(visits))):
+        for index, item in enumerate(read(url, next(visits))):
             if stop is not None and index >= stop:
                 break
             if index >= start:
@@ -146,14 +148,15 @@ class ItemCounter:
     """Item counts of shard readings (as `read_shard` gives them, broken-tar records included),
     each shard read once; and (url, index) references in place of the items."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: Any = read_shard) -> None:
+        self.read = read
         self.counts: dict[str, int] = {}
         # Replays already done (`remainder`): the handover note and the shares need the same one.
         self.remainders: dict[Handover, tuple[list[Piece], tuple[int, ...]]] = {}
 
     def count(self, url: str) -> int:
         if url not in self.counts:
-            self.counts[url] = sum(1 for _ in read_shard(url))
+            self.counts[url] = sum(1 for _ in self.read(url, 0))
         return self.counts[url]
 
     def references(self, url: str, visit: int) -> list[tuple[str, int]]:
@@ -246,7 +249,7 @@ class _PieceSizer:
         total = self.counter.counts.get(url)
         if total is None:
             try:
-                total = read_shard_sizes([url])[0]
+                total = getattr(self.counter.read, "sizes", read_shard_sizes)([url])[0]
             except (ValueError, OSError):
                 total = self.counter.count(url)
         return max(0, total - start)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shard_format import BadSample
+from data_pipeline.shard_format import BadSample, read_shard
 from training.data.config import AugmentConfig, DataConfig, DataError
 from training.data.decode import ShardJudge, StageTimes, collate, decode_sample
 from training.data.device_augment import DrawCrop
@@ -39,6 +39,7 @@ from training.data.handover import (
     STREAM_VERSION, ItemCounter, Layout, Piece, StreamSpec, handover_layout, layout_shares,
     worker_stream,
 )
+from training.data.keep_list import KeepListError, KeptShards
 from training.data.sources import derive_seed, expand_sources, read_shard_sizes
 from training.data.telemetry import LoaderTelemetry
 from training.data.workers import init_worker, track_for_exit
@@ -161,10 +162,12 @@ def smallest_decode_size(cfg: AugmentConfig) -> int:
     return math.ceil(cfg.image_size / math.sqrt(cfg.scale[0] * 3 / 4))
 
 
-def _source_sizes(sources: list[list[str]]) -> list[int] | None:
-    """Samples per source from sizes.json, or None unless every source has a positive count."""
+def _source_sizes(sources: list[list[str]], read: Any) -> list[int] | None:
+    """Samples per source from sizes.json (or the keep-list's kept counts), or None unless every
+    source has a positive count."""
+    sizes_of = getattr(read, "sizes", read_shard_sizes)
     try:
-        sizes = [sum(read_shard_sizes(urls)) for urls in sources]
+        sizes = [sum(sizes_of(urls)) for urls in sources]
     except (ValueError, OSError):
         return None
     return sizes if all(size > 0 for size in sizes) else None
@@ -193,9 +196,17 @@ class TrainLoader:
             sources = expand_sources(cfg.train_shards)
         except (ValueError, OSError) as exn:
             raise DataError(f"train_shards: {exn}") from None
+        read: Any = read_shard
+        if cfg.keep_list is not None:
+            try:
+                read = KeptShards(cfg.keep_list)
+                for urls in sources:
+                    read.check(urls)
+            except KeepListError as exn:
+                raise DataError(str(exn)) from None
         # sizes.json is only needed for defaults (and may be remote): read it only then.
         need_sizes = cfg.num_samples is None or cfg.train_data_weights is None
-        sizes = _source_sizes(sources) if need_sizes else None
+        sizes = _source_sizes(sources, read) if need_sizes else None
         if cfg.num_samples is not None:
             self.num_samples = cfg.num_samples
         elif sizes is not None:
@@ -207,10 +218,10 @@ class TrainLoader:
             )
         weights = cfg.train_data_weights or sizes or [len(urls) for urls in sources]
         self.spec = StreamSpec(sources, list(weights), cfg.seed, cfg.resampled, cfg.shard_shuffle,
-                               cfg.sample_shuffle_buffer)
+                               cfg.sample_shuffle_buffer, read)
         self.resume_note: str | None = None
         self.layout = Layout(world_size, self.roles, cfg.batch_size, (0,) * len(sources))
-        self._counter = ItemCounter()  # shard item counts, shared by the replays below
+        self._counter = ItemCounter(read)  # shard item counts, shared by the replays below
         self._resume = ResumePoint.start(self.roles)
         if states is not None:
             self._resume_from(list(states))

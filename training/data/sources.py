@@ -204,7 +204,7 @@ class EpochStream:
 
 def resampled_stream(
     urls: Sequence[str], *, seed: int, source: int, worker: int, buffer_size: int,
-    visits: Iterator[int],
+    visits: Iterator[int], read: Reader = read_shard,
 ) -> Iterator[RawSample]:
     """Shards drawn with replacement by RNG(seed, source, worker), no epochs at all (for corpora
     so large that an epoch is never finished), through one endless shuffle buffer."""
@@ -212,7 +212,7 @@ def resampled_stream(
 
     def draws() -> Iterator[RawSample]:
         while True:
-            yield from read_shard(rng.choice(urls), next(visits))
+            yield from read(rng.choice(urls), next(visits))
 
     shuffle_rng = random.Random(derive_seed(seed, "shuffle", source, worker))
     return shuffle_buffer(draws(), buffer_size, shuffle_rng)
