@@ -33,8 +33,8 @@ from data_pipeline.demo_corpus import (
     DemoConfig,
     PlannedRow,
     corpus_description,
-    plan_split,
 )
+from data_pipeline.demo_noise import noise_truth, plan_pool
 from data_pipeline.errors import UserError
 from data_pipeline.loopback_server import serve_folder
 from data_pipeline.manifest import read_manifest
@@ -46,7 +46,8 @@ from data_pipeline.url_list import write_parquet_url_list
 
 CORPUS_FILE = "corpus.json"
 # tokenizer.json: the BPE `make tokenizer` trains on train/'s captions, kept beside the splits.
-DEMO_ENTRIES = frozenset({*SPLITS, CORPUS_FILE, "tokenizer.json"})
+NOISE_FILE = "noise.json"
+DEMO_ENTRIES = frozenset({*SPLITS, CORPUS_FILE, NOISE_FILE, "tokenizer.json"})
 
 
 def split_config(config: ShardConfig, split: str) -> ShardConfig:
@@ -106,7 +107,7 @@ def build_demo(demo: DemoConfig, config: ShardConfig, out: TextIO = sys.stdout) 
     configs = {split: split_config(config, split) for split in SPLITS}
     for split_cfg in configs.values():
         check_output_folder(split_cfg.output, config.incremental)
-    plans = {split: plan_split(demo, split) for split in SPLITS}
+    plans = {split: plan_pool(demo, split) for split in SPLITS}
     description = corpus_description(demo, config.image_size, {s: len(rows) for s, rows in plans.items()})
     description["generator"]["renderer_version"] = RENDERER_VERSION
     _check_same_corpus(config, description)
@@ -120,6 +121,9 @@ def build_demo(demo: DemoConfig, config: ShardConfig, out: TextIO = sys.stdout) 
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{CORPUS_FILE}", "w") as handle:
         json.dump(description, handle, indent=2)
+    if demo.noise:
+        with fs.open(f"{root}/{NOISE_FILE}", "w") as handle:
+            json.dump(noise_truth(demo), handle, indent=2)
 
     manifests: dict[str, dict] = {}
     all_rows = [row for split in SPLITS for row in plans[split]]

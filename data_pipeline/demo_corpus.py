@@ -91,6 +91,7 @@ class DemoConfig:
     render_size: int = 128  # source images; img2dataset then resizes to --image-size
     val_samples: int | None = None  # default: max(64, num_samples // 20)
     heldout_samples: int | None = None  # default: max(64, num_samples // 20)
+    noise: bool = False  # a noisy pool: demo_noise.plan_pool adds the noise rows to train
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -125,6 +126,9 @@ class PlannedRow:
     background: str
     fault: str = ""
     render_seed: str = ""
+    noise: str = ""  # a planted web-noise row (demo_noise), empty for a clean one
+    variant: str = ""  # how the served file differs from the render (demo_noise.VARIANTS)
+    texture: bool = False  # draw over a random colour field (noisy pools: see demo_noise)
 
     def attributes(self) -> dict[str, str | int]:
         return {name: getattr(self, name) for name in ATTRIBUTE_COLUMNS}
@@ -170,6 +174,7 @@ def plan_split(config: DemoConfig, split: str) -> list[PlannedRow]:
                 file_name=f"{split}_{index:06d}.jpg",
                 caption=write_caption(rng, scene),
                 render_seed=f"{config.seed}:{split}:{index}",
+                texture=config.noise,
                 **scene,  # type: ignore[arg-type]
             )
         )

@@ -68,7 +68,29 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + x * cos_a - y * sin_a, cy + x * sin_a + y * cos_a) for x, y in points]
 
 
+TEXTURE_AMPLITUDE = 60  # of 255: see demo_noise for why and what it measured
+
+
+def _colour_field(seed: str, size: int) -> Image.Image:
+    """A smooth random RGB field (4x4 values, bicubic): structure at every scale, like a photo."""
+    rng = random.Random(f"texture:{seed}")
+    cells = Image.frombytes("RGB", (4, 4), bytes(rng.randrange(256) for _ in range(48)))
+    return cells.resize((size, size), Image.BICUBIC)
+
+
 def render_scene(row: PlannedRow, size: int) -> Image.Image:
+    image = _render_flat(row, size)
+    if not row.texture:
+        return image
+    field = _colour_field(row.render_seed or row.file_name, size)
+    # image + (field - 127.5) * amplitude / 127.5, clipped: a shift of up to +-60 per channel
+    offset = Image.eval(field, lambda v: max(0, min(255, round((v - 127.5) * TEXTURE_AMPLITUDE / 127.5 + 128))))
+    from PIL import ImageChops
+
+    return ImageChops.add(image, offset, scale=1.0, offset=-128)
+
+
+def _render_flat(row: PlannedRow, size: int) -> Image.Image:
     rng = random.Random(row.render_seed or row.file_name)
     image = Image.new("RGB", (size, size), _jitter_colour(rng, BACKGROUNDS[row.background], 10))
     draw = ImageDraw.Draw(image)
@@ -95,9 +117,9 @@ def render_scene(row: PlannedRow, size: int) -> Image.Image:
     return image
 
 
-def _encode_jpeg(image: Image.Image) -> bytes:
+def _encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -109,7 +131,16 @@ def _write_row(row: PlannedRow, folder: Path, size: int) -> None:
         # Bytes that no decoder accepts, under a .jpg name, as a misconfigured server would send.
         target.write_bytes(b"<html>not an image</html>" + random.Random(row.file_name).randbytes(1024))
         return
-    data = _encode_jpeg(render_scene(row, size))
+    image = render_scene(row, size)
+    quality = JPEG_QUALITY
+    if row.variant == "jpeg50":
+        quality = 50
+    elif row.variant == "resize80":
+        image = image.resize((round(size * 0.8),) * 2, Image.BICUBIC)
+    elif row.variant == "crop4":  # 2% off each side, back to full size
+        cut = round(size * 0.02)
+        image = image.crop((cut, cut, size - cut, size - cut)).resize((size, size), Image.BICUBIC)
+    data = _encode_jpeg(image, quality)
     if row.fault == "truncated_image":
         data = data[: len(data) // 2]  # an interrupted transfer: header intact, pixels cut off
     target.write_bytes(data)

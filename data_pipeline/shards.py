@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=DemoConfig.seed, help="fixes every row and pixel (default: %(default)s)"
     )
     demo.add_argument(
+        "--noise", action="store_true",
+        help="plant web-like noise in train (duplicates, foreign/boilerplate/mismatched captions, "
+             "eval copies), the truth in OUTPUT/noise.json: a pool to curate",
+    )
+    demo.add_argument(
         "--render-size",
         type=int,
         default=DemoConfig.render_size,
@@ -194,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     if config.url_list is None:
         build_demo(
-            DemoConfig(num_samples=args.num_samples, seed=args.seed, render_size=args.render_size), config
+            DemoConfig(num_samples=args.num_samples, seed=args.seed, render_size=args.render_size,
+                       noise=args.noise), config
         )
     else:
         build_shards(config, config.url_list)

@@ -244,3 +244,53 @@ def test_embedding_pass_alignment_resume_and_ranks(demo_shards, tiny_checkpoint,
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert ranks.returncode == 0, ranks.stdout + ranks.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(two / "keep_list.parquet"), keep, atol=2e-3, check_exact=False)
+
+
+def test_noisy_demo_pool_bootstrapped_curation_finds_the_planted_truth(run_cli, demo_args, tmp_path):
+    """`shards --noise` plants web-like noise with its truth; `curate --bootstrap` (a filter CLIP
+    trained on a separate trusted corpus) with pixel dedup finds each planted kind with its
+    step, and removes no clean pair by dedup, decontamination or the caption filter."""
+    pool, trusted = tmp_path / "pool", tmp_path / "trusted"
+    built = run_cli("data_pipeline.shards", *demo_args(pool, "--noise"))
+    assert built.returncode == 0, built.stderr
+    built = run_cli("data_pipeline.shards", *demo_args(trusted, "--seed", "7"))
+    assert built.returncode == 0, built.stderr
+    truth = json.loads((pool / "noise.json").read_text())["rows"]
+    out = tmp_path / "curated"
+    result = run_cli("data_pipeline.curate", "--shards", str(pool / "train"), "--out", str(out),
+                     "--bootstrap", str(trusted / "train"), "--bootstrap-set", "train.steps=4",
+                     "--bootstrap-set", "data.image_size=32", "--bootstrap-set", "data.workers=0",
+                     "--clip-score-top", "0.9", "--no-hash-dedup", "--pixel-dedup", "--no-model-dedup",
+                     "--decontaminate", f"demo={pool}", "--no-shards", "--workers", "1", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    keep = pd.read_parquet(out / "keep_list.parquet")
+    url_of = {}
+    for parquet in (pool / "train").glob("*.parquet"):
+        table = pd.read_parquet(parquet, columns=["key", "url", "status"])
+        url_of.update({k: u.rsplit("/", 1)[1] for k, u, s in table.itertuples(index=False) if s == "success"})
+    keep["file"] = [url_of[k] for k in keep["key"]]
+    keep["kind"] = [truth.get(f, {}).get("kind", "clean") for f in keep["file"]]
+    row = keep.set_index("file")
+    for kind, step in {"contamination": "decontaminate", "other_language": "captions",
+                       "boilerplate": "captions"}.items():
+        planted = keep[keep["kind"] == kind]
+        assert len(planted) > 0 and (planted["removed_by"] == step).all(), (kind, planted["removed_by"].tolist())
+    # A planted copy and its source are one image: at most one survives, and where both were
+    # still in when dedup ran, its step removed the later one.
+    sources = set()
+    for kind, step in {"exact_duplicate": "exact_duplicates", "near_duplicate": "near_duplicates_pixels"}.items():
+        copies = [(f, info["of"]) for f, info in truth.items() if info["kind"] == kind and f in row.index]
+        assert copies
+        for copy, source in copies:
+            sources.add(source)
+            pair = row.loc[[copy, source]]
+            assert not pair["kept"].all(), (kind, copy, source)
+            if not pair["removed_by"].isin(["captions", "decontaminate", "alignment"]).any():
+                assert sorted(pair["removed_by"].fillna("")) == ["", step], (kind, pair["removed_by"].tolist())
+    dedup = keep["removed_by"].isin(["exact_duplicates", "near_duplicates_pixels"])
+    assert set(keep.loc[dedup & (keep["kind"] == "clean"), "file"]) <= sources  # only sources of copies
+    assert set(keep.loc[keep["kind"] == "clean", "removed_by"].dropna()) <= {
+        "alignment", "exact_duplicates", "near_duplicates_pixels"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["bootstrapped_from"] == str(trusted / "train")
+    assert (out / "_work" / "filter" / "run").is_dir()

@@ -166,3 +166,29 @@ def test_incremental_rerun_of_complete_demo_skips_and_changed_seed_is_refused(
     refused = run_cli("data_pipeline.shards", *other_seed)
     assert refused.returncode == 2 and "seed was 0, now 1" in refused.stderr
     assert sorted(str(p) for p in root.rglob("*")) == listing
+
+
+def test_noise_is_planted_on_top_of_the_clean_rows_with_its_truth():
+    from data_pipeline.demo_noise import NOISE_RATES, noise_truth, plan_pool
+    from data_pipeline.shape_rendering import render_scene
+
+    clean_cfg, noisy_cfg = DemoConfig(num_samples=1000), DemoConfig(num_samples=1000, noise=True)
+    clean = plan_split(clean_cfg, "train")
+    noisy = plan_pool(noisy_cfg, "train")
+    planted = [r for r in noisy if r.noise]
+    # The clean rows are the clean corpus's (only drawn over a colour field), in the same order.
+    assert [(r.file_name, r.caption) for r in noisy if not r.noise] == [(r.file_name, r.caption) for r in clean]
+    truth = noise_truth(noisy_cfg)["rows"]
+    assert {r.file_name: r.noise for r in planted} == {name: info["kind"] for name, info in truth.items()}
+    counts = {kind: sum(r.noise == kind for r in planted) for kind in NOISE_RATES}
+    assert counts == {kind: round(rate * 1000) for kind, rate in NOISE_RATES.items()}
+    by_name = {r.file_name: r for r in noisy + plan_split(noisy_cfg, "val") + plan_split(noisy_cfg, "heldout")}
+    for name, info in truth.items():
+        row = by_name[name]
+        if info["kind"] == "exact_duplicate":  # the very same pixels as its source
+            assert render_scene(row, 64).tobytes() == render_scene(by_name[info["of"]], 64).tobytes()
+        if info["kind"] == "contamination":
+            assert info["of"].startswith(("val_", "heldout_"))
+        if info["kind"] == "mismatched_caption":
+            assert row.colour not in row.caption or row.shape not in row.caption
+    assert plan_split(noisy_cfg, "val")[0].texture and not plan_split(clean_cfg, "val")[0].texture

@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     steps.add_argument("--no-hash-dedup", action="store_true",
                        help="no perceptual-hash dedup or decontamination (colour-blind: for photos, "
                             "not flat synthetic renders like the demo's)")
+    steps.add_argument("--no-model-dedup", action="store_true",
+                       help="no dedup or decontamination by the model's image embeddings (they are "
+                            "semantic: two renders of one scene match, as in the demo corpus)")
+    steps.add_argument("--pixel-dedup", action="store_true",
+                       help="also dedup and decontaminate by 16x16 pixel correlation (colour-aware)")
+    steps.add_argument("--pixel-threshold", type=float, default=0.95)
     steps.add_argument("--hash-radius", type=int, default=6, help="perceptual-hash Hamming radius")
     steps.add_argument("--dedup-threshold", type=float, default=0.97,
                        help="image-embedding cosine for near duplicates (with a model)")
@@ -59,6 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--pretrained", type=Path, help="an OpenAI/OpenCLIP checkpoint file")
     model.add_argument("--model", help="architecture of --pretrained, e.g. vit_b32_quickgelu")
     model.add_argument("--bpe", type=Path, help="CLIP's BPE vocabulary, for --pretrained")
+    model.add_argument("--bootstrap", metavar="SEED_SHARDS",
+                       help="no pretrained model: train a filter CLIP on these trusted shards first")
+    model.add_argument("--bootstrap-config", type=Path, default=Path("configs/tiny_demo.toml"),
+                       help="run TOML of the filter model")
+    model.add_argument("--bootstrap-set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override for the filter model's run (repeatable), e.g. train.epochs=2")
     model.add_argument("--embed-batch-size", type=int, default=256)
     model.add_argument("--precision", default="auto")
     out = p.add_argument_group("output")
@@ -88,19 +100,29 @@ def build_config(args: argparse.Namespace) -> CurateConfig:
     embedding = EmbeddingConfig(checkpoint=args.checkpoint, pretrained=args.pretrained,
                                 model_name=args.model, bpe=args.bpe,
                                 batch_size=args.embed_batch_size, precision=args.precision)
+    from data_pipeline.curate.bootstrap import BootstrapConfig
+
+    bootstrap = BootstrapConfig(seed_shards=args.bootstrap, config=args.bootstrap_config,
+                                overrides=tuple(args.bootstrap_set))
+    has_model = embedding.on or bootstrap.on
     return CurateConfig(
-        shards=args.shards, out=args.out, workers=args.workers,
+        shards=args.shards, bootstrap=bootstrap, out=args.out, workers=args.workers,
         exact_duplicates=not args.no_exact_dedup, captions=captions,
         near_duplicates=NearDuplicateConfig(by_hash=not (args.no_near_dedup or args.no_hash_dedup),
                                             hash_radius=args.hash_radius,
-                                            by_embedding=embedding.on and not args.no_near_dedup,
+                                            by_pixels=args.pixel_dedup and not args.no_near_dedup,
+                                            pixel_threshold=args.pixel_threshold,
+                                            by_embedding=has_model and not (args.no_near_dedup
+                                                                            or args.no_model_dedup),
                                             embedding_threshold=args.dedup_threshold, index=args.index),
         embedding=embedding,
         alignment=AlignmentConfig(on=args.clip_score_threshold is not None or args.clip_score_top is not None,
                                   threshold=args.clip_score_threshold, top_fraction=args.clip_score_top),
         balance=BalanceConfig(on=args.balance_entries is not None, entries=args.balance_entries,
                               per_entry=args.balance_per_entry, keep_unmatched=args.balance_keep_unmatched),
-        decontamination=DecontaminationConfig(sets=sets, by_hash=not args.no_hash_dedup),
+        decontamination=DecontaminationConfig(sets=sets, by_hash=not args.no_hash_dedup,
+                                              by_pixels=args.pixel_dedup, by_model=not args.no_model_dedup,
+                                              pixel_threshold=args.pixel_threshold),
         write_shards=not args.no_shards, grid_examples=args.grid_examples,
     )
 

@@ -21,18 +21,23 @@ class NearDuplicateConfig:
     against crops, which the embedding check covers). Perceptual hashes are colour-blind and
     made for photos: on the demo's flat 64-px renders 24% of images have a *different* render
     within 2 bits, so there use the embedding check alone (--no-hash-dedup).
-    embedding_threshold: cosine at or above which two image embeddings are one image (needs the
-    embedding pass)."""
+    by_pixels / pixel_threshold: the tiny-image check (16x16 RGB correlation), off by default:
+    it is exact for re-encodes and resizes and sees colour, but two photos of one plain scene
+    (sky, a white page) correlate too; on the noisy demo pool 0.95 separates copies (>= 0.958)
+    from distinct renders (<= 0.943). embedding_threshold: cosine at or above which two image
+    embeddings are one image (needs the embedding pass)."""
 
     by_hash: bool = True
     hash_radius: int = 6
+    by_pixels: bool = False  # the tiny-image descriptor (scan.tiny_image): colour-aware
+    pixel_threshold: float = 0.95
     by_embedding: bool = True
     embedding_threshold: float = 0.97
     index: str = "auto"  # auto | flat | ivfpq
 
     @property
     def on(self) -> bool:
-        return self.by_hash or self.by_embedding
+        return self.by_hash or self.by_pixels or self.by_embedding
 
     def __post_init__(self) -> None:
         if not 0 <= self.hash_radius <= 16:
@@ -125,6 +130,9 @@ class DecontaminationConfig:
     sets: dict[str, Path] = field(default_factory=dict)
     by_hash: bool = True  # off for flat synthetic images (see NearDuplicateConfig)
     hash_radius: int = 6
+    by_pixels: bool = False
+    pixel_threshold: float = 0.95
+    by_model: bool = True  # image-embedding cosine, when the embedding pass ran
     embedding_threshold: float = 0.95
 
     @property
@@ -152,15 +160,24 @@ class CurateConfig:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    bootstrap: object = None  # a bootstrap.BootstrapConfig (its own module: it runs the trainer)
     write_shards: bool = True
     grid_examples: int = 16
     workers: int = 2
 
+    @property
+    def has_model(self) -> bool:
+        return self.embedding.on or (self.bootstrap is not None and self.bootstrap.on)
+
     def __post_init__(self) -> None:
-        if self.alignment.on and not self.embedding.on:
-            raise UserError("the alignment filter needs an embedding model: --checkpoint RUN or "
-                            "--pretrained FILE")
-        if self.decontamination.on and not (self.decontamination.by_hash or self.embedding.on):
+        if self.bootstrap is not None and self.bootstrap.on and self.embedding.on:
+            raise UserError("--bootstrap trains the filter model; it does not go with "
+                            "--checkpoint or --pretrained")
+        if self.alignment.on and not self.has_model:
+            raise UserError("the alignment filter needs an embedding model: --checkpoint RUN, "
+                            "--pretrained FILE or --bootstrap SEED_SHARDS")
+        if self.decontamination.on and not (self.decontamination.by_hash or self.decontamination.by_pixels
+                                            or self.has_model):
             raise UserError("decontamination without perceptual hashes needs an embedding model: "
                             "--checkpoint RUN or --pretrained FILE")
         if self.workers < 1:

@@ -72,7 +72,7 @@ def raw_images(dataset) -> Iterator[Image.Image]:
 
 def find_contamination(
     cfg: DecontaminationConfig, pool_hashes: np.ndarray, pool_image: np.ndarray | None,
-    embedder=None,
+    embedder=None, pool_tiny: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, int], dict[str, int]]:
     """-> (object [N]: the eval set a pool image copies, or None; images per eval set; pool
     matches per eval set). The first set listed wins when an image is in two."""
@@ -86,7 +86,14 @@ def find_contamination(
             reference = perceptual_hashes(raw_images(dataset))
             hit |= matches_by_hash(pool_hashes, reference, cfg.hash_radius) >= 0
             sizes[name] = len(reference)
-        if embedder is not None and pool_image is not None:
+        if cfg.by_pixels and pool_tiny is not None:
+            from data_pipeline.curate.scan import tiny_image
+
+            reference_tiny = np.stack([tiny_image(image) for image in raw_images(dataset)])
+            by_pixels, _ = matches_by_embedding(pool_tiny, reference_tiny, cfg.pixel_threshold, index="flat")
+            hit |= by_pixels >= 0
+            sizes[name] = len(reference_tiny)
+        if cfg.by_model and embedder is not None and pool_image is not None:
             from eval.features import encode_images
 
             features, _ = encode_images(embedder.model, dataset, embedder.inference, desc=name)

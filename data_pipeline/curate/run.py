@@ -11,6 +11,7 @@ them, then decides and writes alone (the decisions are global: dedup sees every 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -102,7 +103,7 @@ def run_steps(cfg: CurateConfig, urls: list[str], pool: pd.DataFrame, embedder,
 
         t = time.perf_counter()
         found, sizes, matches = find_contamination(cfg.decontamination, pool["phash"].to_numpy(),
-                                                   image, embedder)
+                                                   image, embedder, scan.tiny_images(pool))
         flagged = found != None  # noqa: E711
         notes = [f"{name}: {matches[name]:,} pool images match its {sizes[name]:,}" for name in sizes]
         detail = np.array([None if f is None else f"near copy of a {f} eval image" for f in found], dtype=object)
@@ -130,28 +131,38 @@ def run_steps(cfg: CurateConfig, urls: list[str], pool: pd.DataFrame, embedder,
         detail[flagged] = _copy_of(pool, kept_as[flagged])
         add(_step("exact_duplicates", flagged, detail, t))
 
-    if cfg.near_duplicates.by_hash:
+    nd = cfg.near_duplicates
+
+    def near_duplicate_step(name: str, find, how: str) -> None:
+        """find(rows still in) -> (kept_as over those rows, note or None): one dedup step."""
         t = time.perf_counter()
         rows = np.flatnonzero(alive)
-        kept_as = near_duplicates.duplicates_by_hash(pool["phash"].to_numpy()[rows],
-                                                     cfg.near_duplicates.hash_radius)
+        kept_as, note = find(rows)
         flagged, detail = np.zeros(n, dtype=bool), np.full(n, None, dtype=object)
         hit = kept_as >= 0
         flagged[rows[hit]] = True
-        detail[rows[hit]] = [f"{d} (phash within {cfg.near_duplicates.hash_radius} bits)"
-                             for d in _copy_of(pool, rows[kept_as[hit]])]
-        add(_step("near_duplicates_hash", flagged, detail, t))
-    if cfg.near_duplicates.by_embedding and image is not None:
-        t = time.perf_counter()
-        rows = np.flatnonzero(alive)
-        kept_as, choice = near_duplicates.duplicates_by_embedding(
-            image[rows], cfg.near_duplicates.embedding_threshold, index=cfg.near_duplicates.index)
-        flagged, detail = np.zeros(n, dtype=bool), np.full(n, None, dtype=object)
-        hit = kept_as >= 0
-        flagged[rows[hit]] = True
-        detail[rows[hit]] = [f"{d} (image cosine >= {cfg.near_duplicates.embedding_threshold})"
-                             for d in _copy_of(pool, rows[kept_as[hit]])]
-        add(_step("near_duplicates_embedding", flagged, detail, t, notes=[choice.reason]))
+        detail[rows[hit]] = [f"{d} ({how})" for d in _copy_of(pool, rows[kept_as[hit]])]
+        add(_step(name, flagged, detail, t, notes=[note] if note else []))
+
+    if nd.by_hash:
+        near_duplicate_step(
+            "near_duplicates_hash",
+            lambda rows: (near_duplicates.duplicates_by_hash(pool["phash"].to_numpy()[rows], nd.hash_radius), None),
+            f"phash within {nd.hash_radius} bits")
+    if nd.by_pixels:
+        def by_pixels(rows):
+            kept_as, choice = near_duplicates.duplicates_by_embedding(
+                scan.tiny_images(pool.iloc[rows]), nd.pixel_threshold, index=nd.index)
+            return kept_as, choice.reason
+        near_duplicate_step("near_duplicates_pixels", by_pixels,
+                            f"16x16 pixel correlation >= {nd.pixel_threshold}")
+    if nd.by_embedding and image is not None:
+        def by_model(rows):
+            kept_as, choice = near_duplicates.duplicates_by_embedding(
+                image[rows], nd.embedding_threshold, index=nd.index)
+            return kept_as, choice.reason
+        near_duplicate_step("near_duplicates_embedding", by_model,
+                            f"image cosine >= {nd.embedding_threshold}")
 
     if cfg.balance.on:
         t = time.perf_counter()
@@ -178,6 +189,15 @@ def curate(cfg: CurateConfig, urls: list[str]) -> dict | None:
     started = time.perf_counter()
     mine = urls[rank::world]
     scans = scan.scan_shards(cfg.out, mine, cfg.workers)
+    bootstrapped_from = None
+    if cfg.bootstrap is not None and cfg.bootstrap.on:
+        from data_pipeline.curate.bootstrap import filter_run_dir, train_filter_model
+
+        if rank == 0:  # one small run; the other ranks wait for its checkpoint
+            train_filter_model(cfg.bootstrap, cfg.out)
+        bootstrapped_from = cfg.bootstrap.seed_shards
+        cfg = dataclasses.replace(cfg, bootstrap=None, embedding=dataclasses.replace(
+            cfg.embedding, checkpoint=filter_run_dir(cfg.out)))
     _barrier(world)
     embedder = None
     if cfg.embedding.on:
@@ -198,6 +218,7 @@ def curate(cfg: CurateConfig, urls: list[str]) -> dict | None:
         image, text = embeddings.load_embeddings(cfg.out, urls, pool)
     passes_s = time.perf_counter() - started
     steps = run_steps(cfg, urls, pool, embedder, image, text)
+    pool = pool.drop(columns=["tiny"])
     frame = decisions.keep_list_frame(pool, steps)
     decisions.write_keep_list(frame, cfg.out)
     uid_file = decisions.write_datacomp_uids(frame, cfg.out)
@@ -209,6 +230,7 @@ def curate(cfg: CurateConfig, urls: list[str]) -> dict | None:
         "passes_seconds": round(passes_s, 1),
         "datacomp_uids": str(uid_file) if uid_file else None,
         "embedding_model": embedder.identity if embedder is not None else None,
+        "bootstrapped_from": bootstrapped_from,
     }
     for result in steps:
         removed = frame[frame["removed_by"] == result.name]
@@ -217,9 +239,9 @@ def curate(cfg: CurateConfig, urls: list[str]) -> dict | None:
             grids.save_grid(sample, cfg.out / GRIDS_DIR / f"{result.name}.jpg")
     if cfg.write_shards:
         kept = pool[frame["kept"].to_numpy()]
-        sizes = decisions_sizes = _write_shards(kept, cfg.out / SHARDS_DIR, extra, steps, len(pool))
+        sizes = _write_shards(kept, cfg.out / SHARDS_DIR, extra, steps, len(pool))
         extra["curated_shards"] = {"folder": str(cfg.out / SHARDS_DIR), "shards": len(sizes),
-                                   "samples": sum(decisions_sizes.values())}
+                                   "samples": sum(sizes.values())}
     data = decisions.report(len(pool), steps, extra)
     data["report_text"] = decisions.write_report(data, cfg.out)
     return data

@@ -22,9 +22,12 @@ import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from PIL import Image
 
 from data_pipeline.curate.near_duplicates import perceptual_hash
 from data_pipeline.curate.sidecars import atomic_write_bytes, identity_digest, shard_identity, sidecar_path
@@ -32,9 +35,20 @@ from data_pipeline.shard_format import BadSample, decode_caption, decode_image, 
 
 logger = logging.getLogger(__name__)
 
-SCAN_VERSION = 2
+SCAN_VERSION = 3
 PASS = "scan"
-COLUMNS = ["shard", "key", "caption", "sha256", "download_sha256", "phash", "width", "height", "uid"]
+COLUMNS = ["shard", "key", "caption", "sha256", "download_sha256", "phash", "tiny", "width", "height",
+           "uid"]
+TINY_SIDE = 16
+
+
+def tiny_image(image) -> np.ndarray:
+    """The "tiny image" descriptor (Torralba et al. 2008): the image box-filtered to 16x16 RGB,
+    mean-removed and L2-normalised, so the cosine of two is their pixel correlation. Unlike a
+    perceptual hash it sees colour; re-encodes and resizes keep it above 0.99 (demo_noise)."""
+    pixels = np.asarray(image.resize((TINY_SIDE, TINY_SIDE), Image.BOX), np.float32).reshape(-1)
+    pixels = pixels - pixels.mean()
+    return pixels / max(float(np.linalg.norm(pixels)), 1e-6)
 
 
 @dataclass
@@ -92,6 +106,7 @@ def scan_rows(url: str) -> tuple[pd.DataFrame, int, str | None]:
             "download_sha256": known.get("sha256"),
             # stored as int64 (not every parquet reader has uint64); reinterpreted on load
             "phash": phash - (1 << 64) if phash >= 1 << 63 else phash,
+            "tiny": tiny_image(image).astype(np.float16).tobytes(),
             "width": image.width,
             "height": image.height,
             "uid": known.get("uid"),
@@ -143,3 +158,11 @@ def load_pool(out: Path, urls: list[str]) -> pd.DataFrame:
     pool = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     pool["phash"] = pool["phash"].astype("int64").astype("uint64")
     return pool.reset_index(drop=True)
+
+
+def tiny_images(pool: pd.DataFrame) -> np.ndarray:
+    """The pool's tiny-image descriptors, float32 [N, 768], renormalised after float16."""
+    if len(pool) == 0:
+        return np.zeros((0, 3 * TINY_SIDE * TINY_SIDE), np.float32)
+    array = np.frombuffer(b"".join(pool["tiny"]), dtype=np.float16).reshape(len(pool), -1).astype(np.float32)
+    return array / np.linalg.norm(array, axis=1, keepdims=True).clip(1e-6)
