@@ -8,7 +8,7 @@ Then the same trainer, config and number of steps trains on the raw pool and on 
 keep-list, for each seed, and both are scored by eval.demo's zero-shot protocol on the pool's
 own val/ and heldout/ images (which decontamination keeps out of training).
 
-    .venv/bin/python -m bench.curation            # 10k-pair pool, 3 seeds, ~35 min on 2 cores
+    .venv/bin/python -m bench.curation            # 10k-pair pool, 3 seeds, ~25 min on 2 cores
     .venv/bin/python -m bench.curation --quick    # 2k pairs, 1 seed: a smoke run, not for quoting
 
 -> bench/curation.md and .json. Work files in data/bench/curation (gitignored).
@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None)
     args = parser.parse_args(argv)
-    samples, seed_samples, seeds = (2000, 1000, 1) if args.quick else (10_000, 4000, 3)
+    global WORK
+    WORK = WORK / ("quick" if args.quick else "full")  # each size its own corpus and runs
+    # The filter model: the demo's tiny_cnn, ~150 steps on the trusted set (what the demo needs
+    # to tell colours apart, which is what a mismatched caption gets wrong first).
+    samples, seed_samples, seeds, filter_epochs = (2000, 1000, 1, 2) if args.quick else (10_000, 4000, 3, 5)
     seeds = args.seeds or seeds
     WORK.mkdir(parents=True, exist_ok=True)
     pool, trusted = build(samples, seed_samples)
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         train_tokenizer(["--shards", str(pool / "train"), "--out", str(WORK / "tokenizer.json")])
     curated = WORK / "curated"
     command = ["data_pipeline.curate", "--shards", str(pool / "train"), "--out", str(curated),
-               "--bootstrap", str(trusted / "train"), "--bootstrap-set", "train.epochs=2",
+               "--bootstrap", str(trusted / "train"), "--bootstrap-set", f"train.epochs={filter_epochs}",
                "--clip-score-top", "0.9", "--no-hash-dedup", "--pixel-dedup", "--no-shards",
                "--decontaminate", f"demo={pool}", "--no-model-dedup"]
     curate_s = _run(command, WORK / "curate.log")
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "filters": filter_scores(keep, truth), "curation_report": (curated / "report.txt").read_text().rstrip(),
     }
     kept = int(keep["kept"].sum())
-    report["steps"] = steps = kept // 128  # one pass over the curated set; raw gets the same steps
+    report["steps"] = steps = 2 * kept // 128  # two passes over the curated set; raw gets the same steps
     report["training"] = {"raw": [], "curated": []}
     for seed in range(seeds):
         report["training"]["raw"].append(train_and_score(pool, WORK / f"raw_{seed}", steps, seed, None))

@@ -133,6 +133,8 @@ def test_bad_input_is_one_line_and_changes_nothing(noisy_pool, run_cli, tmp_path
         "unknown eval set kind": ["--out", str(tmp_path / "c"), "--decontaminate", "mnist=/x"],
         "needs an embedding model": ["--out", str(tmp_path / "d"), "--clip-score-top", "0.3"],
         "is the input shard folder": ["--out", str(root / "train")],
+        "expected the cifar-10-batches-py folder": ["--out", str(tmp_path / "e"), "--decontaminate",
+                                                    f"cifar10={foreign}"],
     }
     for expected, args in cases.items():
         result = run_cli("data_pipeline.curate", "--shards", spec, *args, "--no-caption-filter")
@@ -294,3 +296,15 @@ def test_noisy_demo_pool_bootstrapped_curation_finds_the_planted_truth(run_cli, 
     report = json.loads((out / "report.json").read_text())
     assert report["bootstrapped_from"] == str(trusted / "train")
     assert (out / "_work" / "filter" / "run").is_dir()
+
+
+def test_datacomp_subset_file_is_sorted_u8_pairs_of_the_kept_uids(tmp_path):
+    from data_pipeline.curate.decisions import write_datacomp_uids
+
+    uids = ["6e356964a967af455c8016b75d691203", "139e4a9b22a614771f06c700a8ebe150", "ff" * 16]
+    frame = pd.DataFrame({"uid": uids, "kept": [True, True, False]})
+    path = write_datacomp_uids(frame, tmp_path)
+    array = np.load(path)
+    assert array.dtype == np.dtype("u8,u8") and array.shape == (2,)
+    assert [f"{a:016x}{b:016x}" for a, b in array.tolist()] == sorted(uids[:2])
+    assert write_datacomp_uids(frame.assign(uid=[None, "x", "y"]), tmp_path / "no") is None

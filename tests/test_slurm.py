@@ -1,4 +1,4 @@
-"""launch/train_multinode.sbatch and launch/eval_watch.sbatch on a real SLURM: a one-node cluster
+"""launch/'s sbatch scripts (train_multinode, eval_watch, curate) on a real SLURM: a one-node cluster
 on localhost (tests/slurm_cluster.py: munged, slurmctld, slurmd from Debian's slurm-wlm), two CPU
 ranks under torchrun with gloo, the time-limit warning that makes the job checkpoint, requeue
 itself and resume.
@@ -168,3 +168,24 @@ def test_scancel_sigterm_leaves_a_new_checkpoint(slurm, corpus, tmp_path):
     saved = ckpt.latest_checkpoint(run_dir)
     assert saved is not None, log.read_text()[-4000:]
     assert ckpt.load_checkpoint(saved)["world_size"] == 2
+
+
+def test_curate_sbatch_script_runs_two_ranks_like_one_process(slurm, corpus, tmp_path):
+    """launch/curate.sbatch on the real cluster: torchrun, two CPU ranks, each its slice of
+    the shards; the keep-list equals the one-process run's."""
+    log = tmp_path / "curate.log"
+    args = ["--shards", str(corpus / "train"), "--no-hash-dedup", "--languages", "en", "--workers", "1"]
+    env = {"PY": sys.executable, "NPROC_PER_NODE": "2", "RDZV_PORT": str(free_port())}
+    job = slurm.sbatch("--nodes=1", "--cpus-per-task=2", f"--output={log}", "launch/curate.sbatch",
+                       *args, "--out", str(tmp_path / "two"), env=env, cwd=REPO_ROOT)
+    info = slurm.wait_job(job, ENDED, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    assert "1 node(s) x 2 rank(s)" in text and "curation:" in text
+    one = subprocess.run([sys.executable, "-m", "data_pipeline.curate", *args, "--out", str(tmp_path / "one")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two" / "keep_list.parquet"),
+                                  pd.read_parquet(tmp_path / "one" / "keep_list.parquet"))
