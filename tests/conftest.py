@@ -57,6 +57,21 @@ def demo_shard_args(output: Path, *extra: str) -> list[str]:
     ]
 
 
+def train_tiny_run(shards: Path, work: Path, *overrides: str) -> Path:
+    """A tokenizer trained on `shards` and a few-step tiny_demo run on them (32 px, batch 32, no
+    workers), for tests that need a real checkpoint; -> the run folder (work/run)."""
+    tokenizer = work / "tokenizer.json"
+    result = run_module("training.text.tokenizer", "--shards", str(shards), "--out", str(tokenizer))
+    assert result.returncode == 0, result.stderr
+    result = run_module(
+        "training.main", "--config", "configs/tiny_demo.toml", f"data.train_shards={shards}",
+        "data.image_size=32", "data.batch_size=32", "data.workers=0", f"train.run_dir={work / 'run'}",
+        "log.progress_bar=false", f"tokenizer={tokenizer}", *overrides,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return work / "run"
+
+
 # Tests that run img2dataset (directly or through these fixtures) pay for its worker processes,
 # which import torch: ~10 s per run on 2 cores. `pytest -m "not slow"` skips them.
 SLOW_FIXTURES = frozenset({"demo_shards", "url_shards"})

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import REPO_ROOT, train_tiny_run
 from data_pipeline.shard_format import decode_caption, read_shard
 
 TORCH_ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -189,26 +190,14 @@ def test_near_duplicates_and_eval_copies_by_perceptual_hash(run_cli, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(demo_shards, tmp_path_factory, run_cli) -> Path:
-    work = tmp_path_factory.mktemp("curate_model")
-    tokenizer = work / "tokenizer.json"
-    result = run_cli("training.text.tokenizer", "--shards", str(demo_shards / "train"), "--out", str(tokenizer))
-    assert result.returncode == 0, result.stderr
-    result = run_cli(
-        "training.main", "--config", "configs/tiny_demo.toml",
-        f"data.train_shards={demo_shards / 'train'}", "data.image_size=32", "data.batch_size=32",
-        "data.workers=0", "train.steps=4", "checkpoint.every=4", f"train.run_dir={work / 'run'}",
-        "log.progress_bar=false", f"tokenizer={tokenizer}",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return work / "run"
+def tiny_checkpoint(demo_shards, tmp_path_factory) -> Path:
+    return train_tiny_run(demo_shards / "train", tmp_path_factory.mktemp("curate_model"),
+                          "train.steps=4", "checkpoint.every=4")
 
 
 def test_embedding_pass_alignment_resume_and_ranks(demo_shards, tiny_checkpoint, run_cli, tmp_path):
     import subprocess
     import sys
-
-    from conftest import REPO_ROOT
 
     args = ["--shards", str(demo_shards / "train"), "--checkpoint", str(tiny_checkpoint),
             "--clip-score-top", "0.5", "--no-near-dedup", "--languages", "any", "--no-shards",

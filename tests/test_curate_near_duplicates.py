@@ -1,4 +1,4 @@
-"""data_pipeline.curate.near_duplicates against brute-force O(N^2) versions of the same rules.
+"""data_pipeline.curate.hash_duplicates and embedding_duplicates against brute-force O(N^2) versions of the same rules.
 
 Hash and flat-embedding results must equal the reference exactly (same kept set, same targets);
 IVF-PQ is approximate, so it is held to a recall floor and to never reporting a pair below the
@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_pipeline.curate.near_duplicates import (
+from data_pipeline.curate.embedding_duplicates import (
     EmbeddingIndexChoice,
     choose_index,
     duplicates_by_embedding,
-    duplicates_by_hash,
     matches_by_embedding,
+)
+from data_pipeline.curate.hash_duplicates import (
+    duplicates_by_hash,
     matches_by_hash,
     perceptual_hash,
     perceptual_hashes,

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import train_tiny_run
 from eval import run as eval_run
 from eval import search as eval_search
 from eval.config import InferenceConfig
@@ -45,19 +46,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def trained_run(demo_shards, tmp_path_factory, run_cli) -> Path:
-    work = tmp_path_factory.mktemp("eval_trained")
-    tokenizer = work / "tokenizer.json"
-    result = run_cli("training.text.tokenizer", "--shards", str(demo_shards / "train"), "--out", str(tokenizer))
-    assert result.returncode == 0, result.stderr
-    result = run_cli(
-        "training.main", "--config", "configs/tiny_demo.toml",
-        f"data.train_shards={demo_shards / 'train'}", "data.image_size=32", "data.batch_size=32",
-        "data.workers=0", "train.steps=6", "checkpoint.every=2", "checkpoint.keep=10",
-        f"train.run_dir={work / 'run'}", "log.progress_bar=false", f"tokenizer={tokenizer}",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return work / "run"
+def trained_run(demo_shards, tmp_path_factory) -> Path:
+    return train_tiny_run(demo_shards / "train", tmp_path_factory.mktemp("eval_trained"),
+                          "train.steps=6", "checkpoint.every=2", "checkpoint.keep=10")
 
 
 def _checkpoint(run: Path, step: int) -> Path:

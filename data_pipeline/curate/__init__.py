@@ -12,7 +12,8 @@ step here, in its own module, switched on or off in `CurateConfig`:
     decontaminate     near copies of eval images                           (decontaminate.py)
     alignment         CLIP score threshold or top fraction                 (alignment.py)
     exact duplicates  same image bytes                                     (exact_duplicates.py)
-    near duplicates   perceptual hash radius, embedding cosine             (near_duplicates.py)
+    near duplicates   perceptual hash, 16x16 pixels, embedding cosine      (hash_duplicates.py,
+                                                                           embedding_duplicates.py)
     balance           at most t pairs per metadata entry                   (balance.py)
 
 The per-shard passes write sidecar files into the output folder (atomically, one per shard), so

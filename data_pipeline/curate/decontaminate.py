@@ -4,7 +4,7 @@ A zero-shot score means little if the test images were in the training pool (Rad
 2021, section 5, measured overlaps of up to 20% on some sets). The eval sets are read by eval's
 own readers (`eval.datasets`, `eval.shard_images`), so a set that eval accepts is a set that can
 be decontaminated against, with the same layout checks and the same one-line errors. Matching is
-by perceptual hash (`near_duplicates.matches_by_hash`) and, when the embedding pass ran, also by
+by perceptual hash (`hash_duplicates.matches_by_hash`) and, when the embedding pass ran, also by
 image-embedding cosine, since a re-crop or re-colour can move a hash further than a model.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.curate.config import DecontaminationConfig
-from data_pipeline.curate.near_duplicates import matches_by_embedding, matches_by_hash, perceptual_hashes
+from data_pipeline.curate.embedding_duplicates import matches_by_embedding
+from data_pipeline.curate.hash_duplicates import matches_by_hash, perceptual_hashes
 from data_pipeline.shard_format import BadSample, decode_image, read_shard
 
 

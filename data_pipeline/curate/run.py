@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.curate import alignment, balance, decisions, exact_duplicates, grids
-from data_pipeline.curate import near_duplicates, scan
+from data_pipeline.curate import embedding_duplicates, hash_duplicates, scan
 from data_pipeline.curate.config import CurateConfig
 from data_pipeline.curate.decisions import StepResult
 from data_pipeline.curate.sidecars import WORK_DIR, sidecar_path
@@ -147,18 +147,18 @@ def run_steps(cfg: CurateConfig, urls: list[str], pool: pd.DataFrame, embedder,
     if nd.by_hash:
         near_duplicate_step(
             "near_duplicates_hash",
-            lambda rows: (near_duplicates.duplicates_by_hash(pool["phash"].to_numpy()[rows], nd.hash_radius), None),
+            lambda rows: (hash_duplicates.duplicates_by_hash(pool["phash"].to_numpy()[rows], nd.hash_radius), None),
             f"phash within {nd.hash_radius} bits")
     if nd.by_pixels:
         def by_pixels(rows):
-            kept_as, choice = near_duplicates.duplicates_by_embedding(
+            kept_as, choice = embedding_duplicates.duplicates_by_embedding(
                 scan.tiny_images(pool.iloc[rows]), nd.pixel_threshold, index=nd.index)
             return kept_as, choice.reason
         near_duplicate_step("near_duplicates_pixels", by_pixels,
                             f"16x16 pixel correlation >= {nd.pixel_threshold}")
     if nd.by_embedding and image is not None:
         def by_model(rows):
-            kept_as, choice = near_duplicates.duplicates_by_embedding(
+            kept_as, choice = embedding_duplicates.duplicates_by_embedding(
                 image[rows], nd.embedding_threshold, index=nd.index)
             return kept_as, choice.reason
         near_duplicate_step("near_duplicates_embedding", by_model,

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from PIL import Image
 
-from data_pipeline.curate.near_duplicates import perceptual_hash
+from data_pipeline.curate.hash_duplicates import perceptual_hash
 from data_pipeline.curate.sidecars import atomic_write_bytes, identity_digest, shard_identity, sidecar_path
 from data_pipeline.shard_format import BadSample, decode_caption, decode_image, read_shard
 
