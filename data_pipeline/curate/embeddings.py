@@ -11,6 +11,7 @@ different model gets fresh sidecars. Under torchrun each rank embeds its own sli
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,7 +47,12 @@ def load_embedder(cfg: EmbeddingConfig) -> Embedder:
     from eval.config import InferenceConfig
     from training.model.trained import load_trained_model, resolve_checkpoint
 
-    infer = InferenceConfig(batch_size=cfg.batch_size, workers=cfg.workers, precision=cfg.precision)
+    import torch
+
+    # Under torchrun each rank embeds on its own GPU (cuda:LOCAL_RANK), not all on cuda:0.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    infer = InferenceConfig(batch_size=cfg.batch_size, workers=cfg.workers, precision=cfg.precision,
+                            device=device)
     if cfg.checkpoint is not None:
         path = resolve_checkpoint(Path(cfg.checkpoint))
         try:
