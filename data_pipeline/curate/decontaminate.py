@@ -18,7 +18,7 @@ from PIL import Image
 
 from data_pipeline.curate.config import DecontaminationConfig
 from data_pipeline.curate.embedding_duplicates import matches_by_embedding
-from data_pipeline.curate.hash_duplicates import matches_by_hash, perceptual_hashes
+from data_pipeline.curate.hash_duplicates import matches_by_hash, perceptual_hash
 from data_pipeline.shard_format import BadSample, decode_image, read_shard
 
 
@@ -83,17 +83,24 @@ def find_contamination(
         image_size = embedder.image_size if embedder is not None else 224
         dataset = eval_dataset(name, Path(path), image_size)
         hit = np.zeros(len(pool_hashes), dtype=bool)
-        if cfg.by_hash:
-            reference = perceptual_hashes(raw_images(dataset))
-            hit |= matches_by_hash(pool_hashes, reference, cfg.hash_radius) >= 0
-            sizes[name] = len(reference)
-        if cfg.by_pixels and pool_tiny is not None:
+        by_pixels = cfg.by_pixels and pool_tiny is not None
+        if cfg.by_hash or by_pixels:
             from data_pipeline.curate.scan import tiny_image
 
-            reference_tiny = np.stack([tiny_image(image) for image in raw_images(dataset)])
-            by_pixels, _ = matches_by_embedding(pool_tiny, reference_tiny, cfg.pixel_threshold, index="flat")
-            hit |= by_pixels >= 0
-            sizes[name] = len(reference_tiny)
+            # One decode of the eval images serves both checks (ImageNet val is 50k images).
+            hashes, tiny = [], []
+            for image in raw_images(dataset):
+                if cfg.by_hash:
+                    hashes.append(perceptual_hash(image))
+                if by_pixels:
+                    tiny.append(tiny_image(image))
+            sizes[name] = max(len(hashes), len(tiny))
+            if cfg.by_hash:
+                reference = np.array(hashes, dtype=np.uint64)
+                hit |= matches_by_hash(pool_hashes, reference, cfg.hash_radius) >= 0
+            if by_pixels and tiny:
+                matched, _ = matches_by_embedding(pool_tiny, np.stack(tiny), cfg.pixel_threshold, index="flat")
+                hit |= matched >= 0
         if cfg.by_model and embedder is not None and pool_image is not None:
             from eval.features import encode_images
 
