@@ -96,5 +96,18 @@ TEMPLATES: tuple[Callable[[random.Random, Scene], str], ...] = (
 )
 
 
+# Bump when the captions change: corpus.json records it, so an incremental rerun refuses to mix
+# shards captioned by two versions.
+CAPTION_VERSION = 2
+# Two captions in three are the short "three red circles": colour, shape and count only. Why:
+# when most captions also name background, size and position, a batch's pairs can be matched
+# without looking at shape, and a tiny CLIP learns shape last and slowly (contrastive learning's
+# easy features suppress hard ones; Chen et al. 2021, "Intriguing properties of contrastive
+# losses"). Measured on the demo (600 steps of 128): val shape accuracy 51% with every phrasing
+# equally likely, 73-77% with this mix. The other phrasings keep the text tower from learning one
+# template.
+WEIGHTS: tuple[int, ...] = tuple(14 if t is _short else 1 for t in TEMPLATES)
+
+
 def write_caption(rng: random.Random, scene: Scene) -> str:
-    return rng.choice(TEMPLATES)(rng, scene)
+    return rng.choices(TEMPLATES, weights=WEIGHTS)[0](rng, scene)

@@ -38,6 +38,7 @@ from data_pipeline.demo_noise import noise_truth, plan_pool
 from data_pipeline.errors import UserError
 from data_pipeline.loopback_server import serve_folder
 from data_pipeline.manifest import read_manifest
+from data_pipeline.captions import CAPTION_VERSION
 from data_pipeline.shape_rendering import RENDERER_VERSION, render_rows
 from data_pipeline.shard_build import build_shards, is_complete
 from data_pipeline.shard_config import ShardConfig
@@ -110,6 +111,7 @@ def build_demo(demo: DemoConfig, config: ShardConfig, out: TextIO = sys.stdout) 
     plans = {split: plan_pool(demo, split) for split in SPLITS}
     description = corpus_description(demo, config.image_size, {s: len(rows) for s, rows in plans.items()})
     description["generator"]["renderer_version"] = RENDERER_VERSION
+    description["generator"]["caption_version"] = CAPTION_VERSION
     _check_same_corpus(config, description)
 
     expected = {s: math.ceil(len(plans[s]) / config.samples_per_shard) for s in SPLITS}

@@ -66,7 +66,7 @@ def train_tiny_run(shards: Path, work: Path, *overrides: str) -> Path:
     result = run_module(
         "training.main", "--config", "configs/tiny_demo.toml", f"data.train_shards={shards}",
         "data.image_size=32", "data.batch_size=32", "data.workers=0", f"train.run_dir={work / 'run'}",
-        "log.progress_bar=false", f"tokenizer={tokenizer}", *overrides,
+        "log.progress_bar=false", "train.epochs=1", f"tokenizer={tokenizer}", *overrides,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return work / "run"

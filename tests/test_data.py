@@ -21,7 +21,8 @@ from data_pipeline.shard_format import decode_image, decode_metadata, read_shard
 from eval.shard_images import ShardImages, shard_urls
 from training.data.sources import epoch_shards, expand_source, expand_sources
 from training.data.transforms import (
-    CLIP_MEAN, build_eval_transform, build_train_transform, normalize_images,
+    CLIP_MEAN, CLIP_MEAN_UINT8, ColorMix, build_eval_transform, build_train_transform, draw_color_mix,
+    normalize_images,
 )
 
 PAD_ID = 0
@@ -453,6 +454,26 @@ def test_transforms_shapes_and_normalization():
     evaluated = build_eval_transform(32)(image)
     assert evaluated.shape == (3, 32, 32) and evaluated.abs().max() < 0.02  # mean color -> ~0
     assert torch.equal(evaluated, build_eval_transform(32)(image))
+
+
+def test_color_mix_is_the_affine_colour_map_it_draws():
+    pixels = torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8)
+    torch.manual_seed(3)
+    mixed = ColorMix(0.1)(pixels)
+    torch.manual_seed(3)
+    mix = draw_color_mix(0.1)
+    matrix, offset = mix[:9].view(3, 3), mix[9:]
+    assert (matrix - torch.eye(3)).abs().max() > 0 and offset.abs().max() > 0
+    # Reference: per pixel, M (x - mean) + mean + offset, rounded and clamped to 0..255.
+    mean = torch.tensor(CLIP_MEAN_UINT8, dtype=torch.float64)
+    x = pixels.double().permute(1, 2, 0)  # H, W, 3
+    expected = ((x - mean) @ matrix.double().T + mean + offset.double()).round().clamp(0, 255)
+    assert mixed.dtype == torch.uint8
+    assert (mixed.double().permute(1, 2, 0) - expected).abs().max() <= 1  # float32 vs float64 rounding
+    # sigma 0 is the identity; DataConfig refuses a negative one in one line.
+    assert torch.equal(ColorMix(0.0)(pixels), pixels)
+    with pytest.raises(ValueError, match="color_mix must be >= 0"):
+        DataConfig(train_shards="x", color_mix=-0.1)
 
 
 def test_jpegs_decode_at_a_reduced_scale_never_below_what_the_crop_needs():

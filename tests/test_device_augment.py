@@ -15,7 +15,7 @@ from data_pipeline.shape_rendering import render_scene
 from training.data import build_train_loader
 from training.data.config import AugmentConfig
 from training.data.device_augment import (
-    ERASE_H, FLIP, PARAMS, DrawCrop, augment_on_device, collate_crops,
+    ERASE_H, FLIP, MIX, PARAMS, DrawCrop, augment_on_device, collate_crops,
 )
 from training.data.telemetry import data_bound_message
 from training.data.transforms import build_train_transform, normalize_images
@@ -53,17 +53,18 @@ def _both_paths(images, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor,
 @pytest.mark.parametrize("cfg", [
     AugmentConfig(224, (0.9, 1.0)),  # OpenCLIP's default: mild crops, upsampling the small ones
     AugmentConfig(64, (0.08, 1.0), hflip=0.5, color_jitter=0.4, random_erasing=0.5),  # > 2x shrink
-    AugmentConfig(96, (0.3, 1.0), hflip=0.5, color_jitter=0.4, random_erasing=0.5),
+    AugmentConfig(96, (0.3, 1.0), hflip=0.5, color_jitter=0.4, random_erasing=0.5, color_mix=0.1),
 ], ids=["openclip_default", "shrink", "everything_on"])
 def test_device_path_equals_the_worker_path_within_interpolation(scenes, cfg):
     worker, device, params = _both_paths(scenes, cfg)
     assert device.shape == worker.shape == (len(scenes), 3, cfg.image_size, cfg.image_size)
     if cfg.hflip:  # the cases below really exercise flips and erasing
         assert 0 < params[:, FLIP].sum() < len(scenes) and (params[:, ERASE_H] > 0).any()
+    assert bool(params[:, MIX].any()) == (cfg.color_mix > 0)
     diff = (device - worker).abs() / LEVEL
     # Measured: mean 0.15-0.95 levels, 99th percentile 1.7-3.7 (bilinear-area vs bicubic at the
     # shapes' edges, and uint8 rounding between the worker path's jitter steps). A flip, crop
-    # box, jitter factor or erased rectangle that differed would move whole regions by tens.
+    # box, jitter factor, colour mix or erased rectangle that differed would move whole regions by tens.
     assert diff.mean() < 1.5, diff.mean()
     assert diff.flatten().quantile(0.99) < 6, diff.flatten().quantile(0.99)
     per_image = diff.mean(dim=(1, 2, 3))

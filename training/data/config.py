@@ -36,7 +36,8 @@ class DataConfig:
     sample_shuffle_buffer: raw samples held per worker for shuffling; 0 = off.
     workers: dataloader worker processes per rank; 0 = load in the main process.
     batch_size: per rank.
-    scale, hflip, color_jitter, random_erasing: augmentation, see training.data.transforms.
+    scale, hflip, color_jitter, color_mix, random_erasing: augmentation, see
+        training.data.transforms.
     augment_on: "workers" (decode and augment in the dataloader workers) or "device" (workers
         decode, draw and crop; resize, flip, jitter, erasing and normalisation run batched on
         the GPU: training.data.device_augment). Same random draws either way.
@@ -56,6 +57,7 @@ class DataConfig:
     scale: tuple[float, float] = (0.9, 1.0)
     hflip: float = 0.0
     color_jitter: float = 0.0
+    color_mix: float = 0.0
     random_erasing: float = 0.0
     augment_on: str = "workers"
     keep_list: str | None = None
@@ -90,8 +92,9 @@ class DataConfig:
         for name in ("hflip", "random_erasing"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
-        if self.color_jitter < 0:
-            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
+        for name in ("color_jitter", "color_mix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_list is not None and not os.path.isfile(self.keep_list):
             raise ValueError(f"keep_list {self.keep_list}: no such file (write one with "
                              "python -m data_pipeline.curate)")
@@ -106,12 +109,14 @@ class DataConfig:
         # Where the augmentation runs changes no draw and no sample order, only the resize
         # filter: a run may move between the two (e.g. onto a GPU machine) and resume exactly.
         fields.pop("augment_on")
+        if not self.color_mix:  # added later: checkpoints from before it still resume
+            fields.pop("color_mix")
         fields["scale"] = list(self.scale)
         return fields
 
     def augment(self) -> AugmentConfig:
         return AugmentConfig(self.image_size, self.scale, self.hflip, self.color_jitter,
-                             self.random_erasing, self.augment_on)
+                             self.random_erasing, self.augment_on, self.color_mix)
 
 
 @dataclass(frozen=True)
@@ -124,3 +129,4 @@ class AugmentConfig:
     color_jitter: float = 0.0
     random_erasing: float = 0.0
     on: str = "workers"  # or "device": see DataConfig.augment_on
+    color_mix: float = 0.0

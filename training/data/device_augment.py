@@ -1,5 +1,5 @@
 """Augmentation split in two (`data.augment_on=device`): the workers decode, draw and crop; the
-model's device resizes, flips, jitters, erases and normalises the whole batch at once.
+model's device resizes, flips, jitters, colour-mixes, erases and normalises the whole batch at once.
 
 Why: on a GPU node the CPU cores are the loader's budget. A bicubic resize costs a worker more
 than the JPEG decode (bench/profiles/SUMMARY.md), while on the GPU the batch's resize is one
@@ -8,7 +8,7 @@ allows), draw the random parameters, and slice out the crop (a view, no arithmet
 
 Same semantics as the worker path (`training.data.transforms.build_train_transform`): the random
 draws are made by the same torchvision functions, in the same order, from the same per-sample
-seeded generator, so a sample gets the same crop box, flip, jitter factors and erased rectangle
+seeded generator, so a sample gets the same crop box, flip, jitter factors, colour mix and erased rectangle
 either way. Only the interpolation differs: the device path resizes with `roi_align`, which
 averages ceil(crop / output) bilinear samples per output pixel in each direction (an area-like
 antialiased filter when shrinking, bilinear when enlarging), where the worker path uses OpenCV's
@@ -29,11 +29,14 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 
 from training.data.config import AugmentConfig
-from training.data.transforms import CLIP_MEAN_UINT8, CROP_RATIO, crop_box, normalize_
+from training.data.transforms import (
+    CLIP_MEAN_UINT8, CROP_RATIO, apply_color_mix, crop_box, draw_color_mix, normalize_,
+)
 
 # Per-sample parameters shipped with the crops, one float row each.
 H, W, FLIP, BRIGHTNESS, CONTRAST, BRIGHTNESS_FIRST, ERASE_TOP, ERASE_LEFT, ERASE_H, ERASE_W = range(10)
-PARAMS = 10
+MIX = slice(10, 22)  # the colour mix (transforms.draw_color_mix), all zero when it is off
+PARAMS = 22
 
 
 @dataclass
@@ -47,7 +50,7 @@ class DrawnCrop:
 class DrawCrop:
     """The worker half: PIL image -> DrawnCrop. Draws exactly what the worker path draws:
     RandomResizedCrop's box (`crop_box`), then the flip coin, then ColorJitter's order and factors, then
-    RandomErasing's coin and rectangle (each only when that augmentation is on)."""
+    the colour mix, then RandomErasing's coin and rectangle (each only when that augmentation is on)."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
         self.cfg = cfg
@@ -72,6 +75,8 @@ class DrawCrop:
             order = order.tolist()
             params[BRIGHTNESS], params[CONTRAST] = brightness, contrast
             params[BRIGHTNESS_FIRST] = float(order.index(0) < order.index(1))
+        if cfg.color_mix > 0:
+            params[MIX] = draw_color_mix(cfg.color_mix).tolist()
         if self.erasing is not None and torch.rand(1).item() < self.erasing.p:
             i, j, h, w, _ = T.RandomErasing.get_params(
                 self._output_shape, self.erasing.scale, self.erasing.ratio,
@@ -114,6 +119,7 @@ def augment_on_device(images: torch.Tensor, params: torch.Tensor, size: int,
     flips = bool(params[:, FLIP].any())
     jitters = bool((params[:, BRIGHTNESS] != 1).any() or (params[:, CONTRAST] != 1).any())
     erases = bool((params[:, ERASE_H] > 0).any())
+    mixes = bool(params[:, MIX].any())
     non_blocking = device.type == "cuda"
     x = images.to(device, non_blocking=non_blocking).float()
     p = params.to(device, non_blocking=non_blocking)
@@ -138,6 +144,8 @@ def augment_on_device(images: torch.Tensor, params: torch.Tensor, size: int,
 
         first = p[:, BRIGHTNESS_FIRST].view(-1, 1, 1, 1) > 0
         x = torch.where(first, contrast(brightness(x)), brightness(contrast(x)))
+    if mixes:
+        x = apply_color_mix(x, p[:, MIX])
     if erases:
         rows = torch.arange(size, device=device).view(1, size, 1)
         cols = torch.arange(size, device=device).view(1, 1, size)

@@ -2,7 +2,7 @@
 
 Train: RandomResizedCrop (`ResizedCrop`: torchvision's crop distribution, OpenCV's resize) ->
 uint8 tensor -> optional horizontal flip -> optional brightness/contrast jitter -> optional
-RandomErasing (mean colour). Batches leave the dataloader
+colour mix (`ColorMix`) -> optional RandomErasing (mean colour). Batches leave the dataloader
 workers as uint8; the trainer normalises them on its device (`normalize_images`): a quarter of
 the bytes through the worker queue (and over PCIe on a GPU), and no float conversion in the
 workers, which on a CPU machine share the cores with the model (bench/data_loader.py).
@@ -93,6 +93,50 @@ class ResizedCrop:
         return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
 
 
+# How far the colour mix's offset reaches per unit of `color_mix`, in 0..255 (about one
+# standard deviation of CLIP's pixel statistics, ~0.27 x 255).
+COLOR_MIX_OFFSET = 64.0
+
+
+def draw_color_mix(sigma: float) -> torch.Tensor:
+    """The colour mix's 12 numbers for one image: a 3x3 matrix I + sigma * N(0, 1) (row-major),
+    then an offset sigma * COLOR_MIX_OFFSET * N(0, 1) per channel. One draw from torch's
+    generator, which the device path (device_augment) repeats in the worker."""
+    noise = torch.randn(12) * sigma
+    noise[:9] += torch.eye(3).flatten()
+    noise[9:] *= COLOR_MIX_OFFSET
+    return noise
+
+
+def apply_color_mix(pixels: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """Float [B, 3, H, W] in 0..255 and mixes [B, 12] -> M (x - mean) + mean + offset, clamped.
+    Around the mean colour, so a mix near I leaves an image near itself."""
+    mean = torch.tensor(CLIP_MEAN_UINT8, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    matrix = mix[:, :9].reshape(-1, 3, 3).to(pixels.dtype)
+    offset = mix[:, 9:].reshape(-1, 3, 1, 1).to(pixels.dtype)
+    mixed = torch.einsum("bij,bjhw->bihw", matrix, pixels - mean) + mean + offset
+    return mixed.clamp_(0, 255)
+
+
+class ColorMix:
+    """A random affine map of each image's colours (a 3x3 matrix near the identity plus an
+    offset): hues, saturation and brightness move a little and together, in all directions.
+    Why: on the demo corpus a CNN otherwise learns one detector per colour x shape pair, and
+    the held-out pairs (colours it saw only on other shapes) fail; with colours that wander
+    around their names, shape features are shared across colours (measured in
+    configs/tiny_demo.toml). Keep sigma small where captions name colours (0.1 keeps the
+    demo's eight colour names apart; 0.2 already confused some). AlexNet's PCA lighting noise
+    is the offset-only special case along the data's principal colours."""
+
+    def __init__(self, sigma: float) -> None:
+        self.sigma = sigma
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        mix = draw_color_mix(self.sigma)
+        mixed = apply_color_mix(image.unsqueeze(0).float(), mix.unsqueeze(0))[0]
+        return mixed.round_().to(torch.uint8)
+
+
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """uint8 [3, H, W] images -> a [B, 3, H, W] batch stored channels-last (NHWC), the layout
     the crops come in. `.float()` and the normalisation keep it; convolutions take it as is."""
@@ -113,6 +157,8 @@ def build_train_transform(cfg: AugmentConfig) -> T.Compose:
     if cfg.color_jitter > 0:
         # Brightness and contrast only: hue/saturation shifts contradict color words in captions.
         steps.append(T.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter))
+    if cfg.color_mix > 0:
+        steps.append(ColorMix(cfg.color_mix))
     if cfg.random_erasing > 0:
         # The mean colour, which normalisation turns into ~0 (what erasing after Normalize with
         # value 0 would paint).
