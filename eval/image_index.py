@@ -48,13 +48,15 @@ def _stamp(location: str) -> list:
     return [str(Path(location).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def cache_key(checkpoint: Path, urls: Sequence[str], image_size: int) -> str:
+def cache_key(checkpoint: Path, urls: Sequence[str], image_size: int, precision: str) -> str:
     identity = {
         "format": CACHE_FORMAT,
         "checkpoint": _stamp(str(checkpoint)),
         "shards": [_stamp(url) for url in urls],
         "image_size": image_size,
     }
+    if precision != "fp32":  # bf16 features differ in the 3rd digit: their own entry
+        identity["precision"] = precision
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 
@@ -65,7 +67,7 @@ def load_or_build_index(
     urls = shard_urls(shards, "--shards")
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"{cache_key(trained.path, urls, trained.image_size)}.pt"
+        cache_file = Path(cache_dir) / f"{cache_key(trained.path, urls, trained.image_size, cfg.precision)}.pt"
         if cache_file.is_file():
             entry = torch.load(cache_file, map_location="cpu", weights_only=True)
             index = ImageIndex(entry["features"], entry["urls"], entry["keys"], entry["captions"])

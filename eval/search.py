@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("search_results"), help="grid PNG folder")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where the hardware has it natively, else fp32")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     checkpoint = resolve_checkpoint(args.checkpoint)
     shard_urls(args.shards, "--shards")  # a wrong path fails before the model loads
-    cfg = InferenceConfig(batch_size=args.batch_size, workers=args.workers, device=args.device)
+    cfg = InferenceConfig(batch_size=args.batch_size, workers=args.workers,
+                          precision=args.precision, device=args.device)
     trained = load_trained_model(checkpoint, cfg.device)
 
     index, cache_file, cached = load_or_build_index(

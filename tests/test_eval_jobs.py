@@ -288,8 +288,8 @@ def test_search_finds_planted_image_and_ranks_like_brute_force(trained_run, demo
     planted.write_bytes(jpg)  # the very bytes stored in the shard: identical features
     args = ["--checkpoint", str(trained_run), "--shards", str(demo_shards / "val"), caption,
             "--image", str(planted), "--top-k", "5", "--cache", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "grids"), "--workers", "0"]
-    assert eval_search.main(args) == 0
+            "--out", str(tmp_path / "grids"), "--workers", "0", "--precision", "fp32"]
+    assert eval_search.main(args) == 0  # fp32: the direct computation below is fp32
     out = capsys.readouterr().out
     image_hits = _printed_hits(out, "image: planted.jpg")
     assert image_hits[0][0] == key and image_hits[0][1] > 0.9999

@@ -187,7 +187,8 @@ def test_retrieval_recall_equals_clip_benchmark(checkpoint, tmp_path):
     assert eval_run.main([
         "--pretrained", str(path), "--model", "vit_b32_quickgelu", "--bpe", str(CLIP_BPE),
         "--retrieval-csv", str(annotations), "--batch-size", "5", "--workers", "0",
-        "--device", "cpu", "--out", str(tmp_path / "results"), "--no-plot"]) == 0
+        "--device", "cpu", "--precision", "fp32",  # as CLIP_benchmark with amp=False
+        "--out", str(tmp_path / "results"), "--no-plot"]) == 0
     [result_file] = (tmp_path / "results").rglob("captions.zeroshot_retrieval.json")
     result = json.loads(result_file.read_text())
     images, texts = result["num_images"], result["details"]["texts"]
