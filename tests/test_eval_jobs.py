@@ -61,7 +61,8 @@ def _result(out: Path, step: int, name: str) -> dict:
 
 def test_demo_suite_end_to_end(trained_run, demo_shards, tmp_path, capsys):
     assert eval_run.main(["--checkpoint", str(trained_run), "--demo", str(demo_shards),
-                          "--workers", "0", "--out", str(tmp_path)]) == 0
+                          "--workers", "0", "--precision", "fp32",  # as the brute force below
+                          "--out", str(tmp_path)]) == 0
     heldout = _result(tmp_path, 6, "demo_heldout.zeroshot_classification")
     assert heldout["num_images"] == 64 and heldout["step"] == 6
     assert heldout["chance"]["acc1"] == pytest.approx(1 / 48)
@@ -195,7 +196,8 @@ def test_cifar_retrieval_and_linear_probe_end_to_end(trained_run, tmp_path, caps
         "--checkpoint", str(checkpoint), "--suite", "cifar10,cifar100,retrieval,linear_probe",
         "--cifar10", str(data), "--cifar100", str(data), "--retrieval-csv", str(csv),
         "--probe-datasets", "cifar10", "--probe-threads", "1", "--probe-c-grid", "0.1,10,1000",
-        "--workers", "0", "--batch-size", "64", "--out", str(out), "--no-plot",
+        "--workers", "0", "--batch-size", "64", "--precision", "fp32",  # brute force below is fp32
+        "--out", str(out), "--no-plot",
     ]) == 0
     c10_result = _result(out, 6, "cifar10.zeroshot_classification")
     expected = _brute_force_zero_shot(checkpoint, c10)
