@@ -27,6 +27,7 @@ from typing import TextIO
 
 import fsspec
 
+from data_pipeline.captions import CAPTION_VERSION
 from data_pipeline.demo_corpus import (
     ATTRIBUTE_COLUMNS,
     SPLITS,
@@ -38,7 +39,6 @@ from data_pipeline.demo_noise import noise_truth, plan_pool
 from data_pipeline.errors import UserError
 from data_pipeline.loopback_server import serve_folder
 from data_pipeline.manifest import read_manifest
-from data_pipeline.captions import CAPTION_VERSION
 from data_pipeline.shape_rendering import RENDERER_VERSION, render_rows
 from data_pipeline.shard_build import build_shards, is_complete
 from data_pipeline.shard_config import ShardConfig

@@ -21,6 +21,12 @@ from training.parallel.precision import choose_precision
 PrecisionName = Literal["auto", "fp32", "bf16"]
 
 
+def add_precision_flag(parser) -> None:
+    """`--precision` as every eval entry point spells it (an argparse parser or group)."""
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where the hardware has it natively, else fp32")
+
+
 @dataclass
 class InferenceConfig:
     """batch_size: images (or texts) per forward pass. workers: dataloader processes decoding

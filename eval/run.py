@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from data_pipeline.errors import UserError, run_main
-from eval.config import DataPaths, InferenceConfig, LinearProbeConfig
+from eval.config import DataPaths, InferenceConfig, LinearProbeConfig, add_precision_flag
 from eval.evaluate import CheckpointEvaluator, default_out_dir
 from eval.suites import SUITES, check_suites, parse_suites
 from eval.wandb_log import WandbSink
@@ -68,8 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("inference")
     run.add_argument("--batch-size", type=int, default=256)
     run.add_argument("--workers", type=int, default=2)
-    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                     help="auto: bf16 where the hardware has it natively, else fp32")
+    add_precision_flag(run)
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if any)")
     run.add_argument("--max-images", type=int, help="cap per dataset, for a quick look")
     out = p.add_argument_group("output")

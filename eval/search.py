@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.errors import UserError, run_main
-from eval.config import InferenceConfig
+from eval.config import InferenceConfig, add_precision_flag
 from eval.features import encode_texts
 from eval.image_index import DEFAULT_CACHE, fetch_images, load_or_build_index
 from eval.plots import plot_search_grid
@@ -41,8 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("search_results"), help="grid PNG folder")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 where the hardware has it natively, else fp32")
+    add_precision_flag(p)
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
