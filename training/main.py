@@ -28,7 +28,7 @@ from training.losses import build_loss
 from training.model import build_model
 from training.model.configs import ClipModelConfig, for_siglip, with_tokenizer
 from training.optim import build_optimizer
-from training.parallel.engines import build_engine
+from training.parallel.engines import build_engine, uses_channels_last
 from training.parallel.precision import choose_precision
 from training.parallel.process_group import setup_distributed, teardown_distributed
 from training.run_config import CheckpointConfig, RunConfig, load_run_config
@@ -161,6 +161,7 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
                     f"{env.world_size} rank(s) on {env.device}; global batch {global_batch}; "
                     f"{total_steps} steps; precision {choice.name} ({choice.reason}); "
                     f"engine {cfg.engine.name}"
+                    + ("; channels_last" if uses_channels_last(engine_cfg, model) else "")
                 )
             return train(
                 engine=engine,

@@ -1,0 +1,64 @@
+"""engine.memory_format: channels_last for convnets trains the same steps as the contiguous layout,
+and "auto" picks it for convolutional image towers only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from training.losses import ClipLoss
+from training.model.clip import build_model
+from training.model.configs import MODEL_CONFIGS
+from training.optim import OptimConfig, build_optimizer
+from training.parallel.engines import EngineConfig, build_engine, uses_channels_last
+from training.train import train_step
+from test_nonfinite_steps import ENV, _batch
+
+
+def _model(name: str) -> torch.nn.Module:
+    cfg = MODEL_CONFIGS[name]()
+    vision = dataclasses.replace(cfg.vision, image_size=32)
+    text = dataclasses.replace(cfg.text, vocab_size=64, eot_id=63, pad_id=0, context_length=16, layers=1)
+    return build_model(dataclasses.replace(cfg, vision=vision, text=text))
+
+
+def _engine(model: torch.nn.Module, memory_format: str):
+    return build_engine(EngineConfig(precision="fp32", memory_format=memory_format), model,
+                        build_optimizer(model, OptimConfig(fused=False)), ENV,
+                        grad_clip=1.0, micro_batch=4, accum_steps=1)
+
+
+def _first_conv(model: torch.nn.Module) -> torch.Tensor:
+    return next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_auto_is_channels_last_for_a_convnet_only():
+    convnet, vit = _model("tiny_cnn"), _model("tiny")
+    assert uses_channels_last(EngineConfig(), convnet)
+    assert not uses_channels_last(EngineConfig(), vit)
+    assert not uses_channels_last(EngineConfig(memory_format="contiguous"), convnet)
+    assert uses_channels_last(EngineConfig(memory_format="channels_last"), vit)
+    _engine(convnet, "auto")
+    _engine(vit, "auto")
+    assert _first_conv(convnet).is_contiguous(memory_format=torch.channels_last)
+    assert not _first_conv(convnet).is_contiguous()
+    assert _first_conv(vit).is_contiguous()
+
+
+def test_channels_last_takes_the_contiguous_steps():
+    losses, weights = {}, {}
+    for layout in ("contiguous", "channels_last"):
+        torch.manual_seed(0)
+        model = _model("tiny_cnn")
+        engine = _engine(model, layout)
+        # Each step's parameters are the optimizer's: the in-place conversion kept them.
+        optimized = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
+        assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+        losses[layout] = [train_step(engine, [_batch()], ClipLoss(), ENV).loss for _ in range(3)]
+        weights[layout] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    assert losses["contiguous"][-1] < losses["contiguous"][0]  # the steps really train
+    torch.testing.assert_close(torch.tensor(losses["channels_last"]),
+                               torch.tensor(losses["contiguous"]), rtol=1e-5, atol=1e-5)
+    for name, value in weights["contiguous"].items():
+        torch.testing.assert_close(weights["channels_last"][name], value, rtol=1e-4, atol=1e-5)
