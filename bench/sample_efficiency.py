@@ -219,6 +219,10 @@ def _at_time(curve: list[tuple[float, float]], seconds: float) -> float | None:
 TITLES = {"openclip": "OpenCLIP", "ours": "ours", "ours_timm_init": "ours, timm init"}
 
 
+def _title(kind: str) -> str:
+    return TITLES.get(kind, f"ours, {kind}")
+
+
 def to_markdown(report: dict) -> str:
     preset, seeds = report["preset"], report["seeds"]
     kinds = list(report["runs"])
@@ -235,11 +239,13 @@ def to_markdown(report: dict) -> str:
         "(val: pairs seen in training; held-out: the 8 pairs never seen), mean over seeds "
         "(min-max).",
         "",
+        *[f"- `{_title(k)}`: ours with `{' '.join(v)}`" for k, v in report.get("variants", {}).items()],
+        "",
         "## At equal samples",
         "",
-        "| epoch | samples | " + " | ".join(f"{TITLES[k]} {m}" for m in ("val acc1", "held-out acc1")
+        "| epoch | samples | " + " | ".join(f"{_title(k)} {m}" for m in ("val acc1", "held-out acc1")
                                              for k in kinds) + " | "
-        + " | ".join(f"{TITLES[k]} wall s" for k in kinds) + " |",
+        + " | ".join(f"{_title(k)} wall s" for k in kinds) + " |",
         "|---|---|" + "---|" * (3 * len(kinds)),
     ]
     for epoch in range(1, preset["epochs"] + 1):
@@ -280,6 +286,19 @@ def equal_time(runs: dict) -> list[dict]:
              "openclip_double": _at_time(theirs, 2 * t)} for t, acc in ours]
 
 
+def _reused(report: Path, kinds: list[str], preset: str, seeds: list[int]) -> dict:
+    """`kinds`' runs from an earlier report of the same preset and seeds."""
+    if not kinds:
+        return {}
+    old = json.loads(report.read_text()) if report.is_file() else {}
+    if old.get("preset_name") != preset or old.get("seeds") != seeds:
+        raise SystemExit(f"--reuse: {report} is not a report of preset {preset} seeds {seeds}")
+    missing = [k for k in kinds if k not in old["runs"]]
+    if missing:
+        raise SystemExit(f"--reuse: {report} has no runs of {', '.join(missing)}")
+    return {k: old["runs"][k] for k in kinds}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -289,6 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=BENCH / "sample_efficiency")
     parser.add_argument("--timm-init", action="store_true",
                         help="also train ours with timm's ViT init (model.vision.init=timm)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=K=V[;K=V]",
+                        help="also train ours with these run-config overrides, as column LABEL "
+                             "(e.g. shuffle5k=data.sample_shuffle_buffer=5000); repeatable")
+    parser.add_argument("--reuse", action="append", default=[], metavar="KIND",
+                        help="take KIND's runs (openclip, ours, a variant) from the report "
+                             "already at --out (same preset and seeds) instead of training")
     args = parser.parse_args(argv)
 
     from bench import machine
@@ -307,9 +332,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.timm_init:
         # What issue #16 measured before the CLIP init: the same run with timm's ViT init.
         trainers.append(("ours_timm_init", run_ours, ("model.vision.init=timm",)))
+    for variant in args.variant:
+        label, _, overrides = variant.partition("=")
+        if not label or not overrides:
+            parser.error(f"--variant {variant!r}: expected LABEL=KEY=VALUE[;KEY=VALUE]")
+        trainers.append((label, run_ours, tuple(overrides.split(";"))))
     runs: dict[str, dict[str, list[dict]]] = {kind: {} for kind, _, _ in trainers}
+    runs.update(_reused(args.out.with_suffix(".json"), args.reuse, args.preset, args.seeds))
     for seed in args.seeds:
         for kind, trainer, extra in trainers:
+            if kind in args.reuse:
+                continue
             checkpoints = trainer(root, arch, preset, settings, seed, work, precision.name,
                                   kind, extra)
             runs[kind][str(seed)] = evaluate(kind, checkpoints, root, arch)
@@ -320,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": args.seeds, "precision": f"{precision.name} ({precision.reason})",
         "machine": machine.one_line(machine.describe()),
         "architecture": json.dumps(openclip_json(preset)),
+        "variants": {kind: list(extra) for kind, _, extra in trainers if extra},
         "runs": runs, "equal_time": equal_time(runs),
         "note": "Both trainers' wall times include their start-up (imports, first shard) and the "
                 "per-epoch checkpoint write; evaluation runs afterwards and is not counted.",

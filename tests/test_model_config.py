@@ -107,18 +107,21 @@ def _visual_tensors_as_openclip(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in to_openclip_state_dict(model).items() if k.startswith("visual.")}
 
 
-def test_clip_init_draws_the_vit_like_openclip():
-    """init="clip" (what OpenCLIP JSON ViTs and our ViT presets get): every image-tower tensor
-    has OpenCLIP's initial distribution. Zero tensors are zero in both; the rest agree in
-    standard deviation within a few percent (different random draws, same law). timm's own
-    init is several times off for some (what made our ViT learn less per sample)."""
+def test_init_draws_both_towers_like_openclip():
+    """init="clip" (what OpenCLIP JSON ViTs and our ViT presets get) and the text tower's CLIP
+    init: every tensor has OpenCLIP's initial distribution. Zero tensors are zero in both; the
+    rest agree in standard deviation within a few percent (different random draws, same law).
+    timm's own ViT init is several times off for some (what made our ViT learn less per
+    sample); the text MLP biases once started at zero where OpenCLIP leaves nn.Linear's."""
+    from training.interop.openclip_layout import to_openclip_state_dict
+
     torch.manual_seed(0)
-    ours = _visual_tensors_as_openclip(build_model(from_openclip_config(SMALL_VIT)))
+    ours = to_openclip_state_dict(build_model(from_openclip_config(SMALL_VIT)))
     reference = open_clip.model.CLIP(SMALL_VIT["embed_dim"], SMALL_VIT["vision_cfg"],
                                      SMALL_VIT["text_cfg"]).state_dict()
-    assert set(ours) == {k for k in reference if k.startswith("visual.")}
+    assert set(ours) == set(reference)
     for name, tensor in ours.items():
-        theirs = reference[name].float()
+        tensor, theirs = tensor.float(), reference[name].float()
         if theirs.std() == 0 or tensor.numel() == 1:
             torch.testing.assert_close(tensor, theirs, msg=name)  # LayerNorms, zero biases
             continue

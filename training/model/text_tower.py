@@ -83,8 +83,10 @@ class TextTower(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # CLIP's initialisation (Radford et al. 2021): small embeddings, projections into the
-        # residual stream scaled down with depth so the stream's variance stays O(1).
+        # CLIP's initialisation (Radford et al. 2021), as OpenAI's code and OpenCLIP do it: small
+        # embeddings, projections into the residual stream scaled down with depth so the stream's
+        # variance stays O(1); attention biases zero (nn.MultiheadAttention's), MLP biases at
+        # nn.Linear's default U(+-1/sqrt(fan_in)), which their init leaves untouched.
         width, layers = self.cfg.width, self.cfg.layers
         attn_std = width**-0.5
         residual_std = attn_std * (2 * layers) ** -0.5
@@ -96,9 +98,7 @@ class TextTower(nn.Module):
             nn.init.normal_(block.attn.out.weight, std=residual_std)
             nn.init.zeros_(block.attn.out.bias)
             nn.init.normal_(block.mlp[0].weight, std=(2 * width) ** -0.5)
-            nn.init.zeros_(block.mlp[0].bias)
             nn.init.normal_(block.mlp[2].weight, std=residual_std)
-            nn.init.zeros_(block.mlp[2].bias)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
