@@ -1,17 +1,17 @@
-"""engine.memory_format: channels_last for convnets trains the same steps as the contiguous layout,
-and "auto" picks it for convolutional image towers only."""
+"""engine.memory_format=channels_last trains the same steps as the default contiguous layout."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from training.losses import ClipLoss
 from training.model.clip import build_model
 from training.model.configs import MODEL_CONFIGS
 from training.optim import OptimConfig, build_optimizer
-from training.parallel.engines import EngineConfig, build_engine, uses_channels_last
+from training.parallel.engines import EngineConfig, build_engine
 from training.train import train_step
 from test_nonfinite_steps import ENV, _batch
 
@@ -33,17 +33,16 @@ def _first_conv(model: torch.nn.Module) -> torch.Tensor:
     return next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
 
 
-def test_auto_is_channels_last_for_a_convnet_only():
-    convnet, vit = _model("tiny_cnn"), _model("tiny")
-    assert uses_channels_last(EngineConfig(), convnet)
-    assert not uses_channels_last(EngineConfig(), vit)
-    assert not uses_channels_last(EngineConfig(memory_format="contiguous"), convnet)
-    assert uses_channels_last(EngineConfig(memory_format="channels_last"), vit)
-    _engine(convnet, "auto")
-    _engine(vit, "auto")
-    assert _first_conv(convnet).is_contiguous(memory_format=torch.channels_last)
-    assert not _first_conv(convnet).is_contiguous()
-    assert _first_conv(vit).is_contiguous()
+def test_channels_last_lays_out_the_convolutions_only_when_asked():
+    default, asked = _model("tiny_cnn"), _model("tiny_cnn")
+    _engine(default, "contiguous")
+    _engine(asked, "channels_last")
+    assert _first_conv(default).is_contiguous()
+    assert _first_conv(asked).is_contiguous(memory_format=torch.channels_last)
+    assert not _first_conv(asked).is_contiguous()
+    assert EngineConfig().memory_format == "contiguous"
+    with pytest.raises(ValueError, match="only supported with engine.name=ddp"):
+        EngineConfig(name="deepspeed", memory_format="channels_last")
 
 
 def test_channels_last_takes_the_contiguous_steps():

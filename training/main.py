@@ -161,7 +161,7 @@ def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
                     f"{env.world_size} rank(s) on {env.device}; global batch {global_batch}; "
                     f"{total_steps} steps; precision {choice.name} ({choice.reason}); "
                     f"engine {cfg.engine.name}"
-                    + ("; channels_last" if uses_channels_last(engine_cfg, model) else "")
+                    + ("; channels_last" if uses_channels_last(engine_cfg) else "")
                 )
             return train(
                 engine=engine,
