@@ -16,8 +16,9 @@ from training.train import train_step
 from test_nonfinite_steps import ENV, _batch
 
 
-def _model(name: str) -> torch.nn.Module:
-    cfg = MODEL_CONFIGS[name]()
+def _small_cnn() -> torch.nn.Module:
+    """The demo's tiny_cnn at 32 px with a one-layer text tower."""
+    cfg = MODEL_CONFIGS["tiny_cnn"]()
     vision = dataclasses.replace(cfg.vision, image_size=32)
     text = dataclasses.replace(cfg.text, vocab_size=64, eot_id=63, pad_id=0, context_length=16, layers=1)
     return build_model(dataclasses.replace(cfg, vision=vision, text=text))
@@ -34,7 +35,7 @@ def _first_conv(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_channels_last_lays_out_the_convolutions_only_when_asked():
-    default, asked = _model("tiny_cnn"), _model("tiny_cnn")
+    default, asked = _small_cnn(), _small_cnn()
     _engine(default, "contiguous")
     _engine(asked, "channels_last")
     assert _first_conv(default).is_contiguous()
@@ -49,7 +50,7 @@ def test_channels_last_takes_the_contiguous_steps():
     losses, weights = {}, {}
     for layout in ("contiguous", "channels_last"):
         torch.manual_seed(0)
-        model = _model("tiny_cnn")
+        model = _small_cnn()
         engine = _engine(model, layout)
         # Each step's parameters are the optimizer's: the in-place conversion kept them.
         optimized = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}

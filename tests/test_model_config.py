@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from training.config_loading import ConfigError
+from training.interop.openclip_layout import to_openclip_state_dict
 from training.model import build_model
 from training.model.openclip_json import OpenClipConfigError, from_openclip_config
 from training.run_config import load_run_config
@@ -101,20 +102,12 @@ def test_openclip_json_through_the_run_config(tmp_path):
     assert cfg.model.architecture(128) == from_openclip_config(SMALL_VIT, str(path))
 
 
-def _visual_tensors_as_openclip(model) -> dict[str, torch.Tensor]:
-    from training.interop.openclip_layout import to_openclip_state_dict
-
-    return {k: v for k, v in to_openclip_state_dict(model).items() if k.startswith("visual.")}
-
-
 def test_init_draws_both_towers_like_openclip():
     """init="clip" (what OpenCLIP JSON ViTs and our ViT presets get) and the text tower's CLIP
     init: every tensor has OpenCLIP's initial distribution. Zero tensors are zero in both; the
     rest agree in standard deviation within a few percent (different random draws, same law).
     timm's own ViT init is several times off for some (what made our ViT learn less per
     sample); the text MLP biases once started at zero where OpenCLIP leaves nn.Linear's."""
-    from training.interop.openclip_layout import to_openclip_state_dict
-
     torch.manual_seed(0)
     ours = to_openclip_state_dict(build_model(from_openclip_config(SMALL_VIT)))
     reference = open_clip.model.CLIP(SMALL_VIT["embed_dim"], SMALL_VIT["vision_cfg"],
@@ -130,7 +123,7 @@ def test_init_draws_both_towers_like_openclip():
         assert abs(tensor.mean().item()) < 0.2 * theirs.std().item() + 1e-3, name
     timm_cfg = from_openclip_config(SMALL_VIT)
     timm_cfg.vision.init = "timm"
-    timm_pos = _visual_tensors_as_openclip(build_model(timm_cfg))["visual.positional_embedding"]
+    timm_pos = to_openclip_state_dict(build_model(timm_cfg))["visual.positional_embedding"]
     assert timm_pos.std() < 0.5 * reference["visual.positional_embedding"].std()
 
 
