@@ -92,6 +92,14 @@ class DemoConfig:
     val_samples: int | None = None  # default: max(64, num_samples // 20)
     heldout_samples: int | None = None  # default: max(64, num_samples // 20)
     noise: bool = False  # a noisy pool: demo_noise.plan_pool adds the noise rows to train
+    # Draw every image over a random colour field (see demo_noise for why). None = as `noise`:
+    # a noisy pool is textured; a trusted seed set for curating it asks for texture alone, so
+    # the filter model trains on images that look like the pool's.
+    texture: bool | None = None
+
+    @property
+    def textured(self) -> bool:
+        return self.noise if self.texture is None else self.texture
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -174,7 +182,7 @@ def plan_split(config: DemoConfig, split: str) -> list[PlannedRow]:
                 file_name=f"{split}_{index:06d}.jpg",
                 caption=write_caption(rng, scene),
                 render_seed=f"{config.seed}:{split}:{index}",
-                texture=config.noise,
+                texture=config.textured,
                 **scene,  # type: ignore[arg-type]
             )
         )

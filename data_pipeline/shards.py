@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
              "eval copies), the truth in OUTPUT/noise.json: a pool to curate",
     )
     demo.add_argument(
+        "--texture", action="store_true",
+        help="draw images over a random colour field as a --noise pool does, without its noise "
+             "(a trusted seed set for curating such a pool)",
+    )
+    demo.add_argument(
         "--render-size",
         type=int,
         default=DemoConfig.render_size,
@@ -200,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.url_list is None:
         build_demo(
             DemoConfig(num_samples=args.num_samples, seed=args.seed, render_size=args.render_size,
-                       noise=args.noise), config
+                       noise=args.noise, texture=args.texture or None), config
         )
     else:
         build_shards(config, config.url_list)

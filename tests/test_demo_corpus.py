@@ -192,3 +192,7 @@ def test_noise_is_planted_on_top_of_the_clean_rows_with_its_truth():
         if info["kind"] == "mismatched_caption":
             assert row.colour not in row.caption or row.shape not in row.caption
     assert plan_split(noisy_cfg, "val")[0].texture and not plan_split(clean_cfg, "val")[0].texture
+    # A trusted seed set for such a pool: drawn the same way, nothing planted.
+    textured = DemoConfig(num_samples=1000, texture=True)
+    assert all((r.texture or r.fault) and not r.noise for r in plan_pool(textured, "train"))
+    assert [r.caption for r in plan_pool(textured, "train")] == [r.caption for r in clean]
