@@ -244,8 +244,9 @@ def test_noisy_demo_pool_bootstrapped_curation_finds_the_planted_truth(run_cli, 
     pool, trusted = tmp_path / "pool", tmp_path / "trusted"
     built = run_cli("data_pipeline.shards", *demo_args(pool, "--noise"))
     assert built.returncode == 0, built.stderr
-    built = run_cli("data_pipeline.shards", *demo_args(trusted, "--seed", "7"))
+    built = run_cli("data_pipeline.shards", *demo_args(trusted, "--seed", "7", "--texture"))
     assert built.returncode == 0, built.stderr
+    assert not (trusted / "noise.json").exists()  # drawn like the pool, without its noise
     truth = json.loads((pool / "noise.json").read_text())["rows"]
     out = tmp_path / "curated"
     result = run_cli("data_pipeline.curate", "--shards", str(pool / "train"), "--out", str(out),
@@ -285,6 +286,28 @@ def test_noisy_demo_pool_bootstrapped_curation_finds_the_planted_truth(run_cli, 
     report = json.loads((out / "report.json").read_text())
     assert report["bootstrapped_from"] == str(trusted / "train")
     assert (out / "_work" / "filter" / "run").is_dir()
+
+    # The demo's closing table: a run on the keep-list reports what curation removed, and the
+    # planted truth scored by data_pipeline.curate.truth agrees with the checks above.
+    from data_pipeline.curate import truth as planted_truth
+
+    scores = {r["kind"]: r for r in planted_truth.filter_scores(keep.drop(columns=["file", "kind"]),
+                                                                 planted_truth.truth_by_key(pool))}
+    for kind in ("contamination", "other_language", "boilerplate", "exact_duplicate", "near_duplicate"):
+        assert scores[kind]["recall"] == 1.0 and scores[kind]["planted"] > 0, scores[kind]
+    run_dir = tmp_path / "run"
+    trained = run_cli("training.main", "--config", "configs/tiny_demo.toml",
+                      f"data.train_shards={pool / 'train'}", f"data.keep_list={out / 'keep_list.parquet'}",
+                      f"tokenizer={out / '_work' / 'filter' / 'tokenizer.json'}", f"train.run_dir={run_dir}",
+                      "train.steps=2", "data.image_size=32", "data.workers=0", "data.batch_size=16",
+                      "log.progress_bar=false", timeout=300)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    table = run_cli("training.report", "--run-dir", str(run_dir), "--shards", str(pool))
+    assert table.returncode == 0, table.stderr
+    rows = dict(line.split(" | ", 1) for line in table.stdout.splitlines() if " | " in line)
+    rows = {k.strip(): v for k, v in rows.items()}
+    assert rows["curation"].startswith(f"{report['pairs_in']:,} pairs in -> {report['pairs_kept']:,} kept")
+    assert "eval copies 100% of" in rows["planted noise removed"]
 
 
 def test_datacomp_subset_file_is_sorted_u8_pairs_of_the_kept_uids(tmp_path):

@@ -40,6 +40,28 @@ def _shard_rows(root: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _curation_rows(keep_list: str | None, shards: Path | None) -> list[tuple[str, str]]:
+    """What curation removed before training (a run on a keep-list): its report's per-step
+    counts, and, for a noisy demo pool, how much of each planted kind is gone."""
+    if not keep_list:
+        return []
+    data = _read_json(Path(keep_list).parent / "report.json")
+    if data is None:
+        return [("curation", f"trained on the keep-list {keep_list} (no report.json beside it)")]
+    steps = ", ".join(f"{r['step']} -{r['removed']:,}" for r in data["steps"])
+    rows = [("curation", f"{data['pairs_in']:,} pairs in -> {data['pairs_kept']:,} kept "
+                         f"({100 * data['pairs_kept'] / max(1, data['pairs_in']):.1f}%): {steps}")]
+    if shards is not None:
+        from data_pipeline.curate import truth
+
+        if truth.has_truth(shards):
+            import pandas as pd
+
+            keep = pd.read_parquet(keep_list)
+            rows.append(("planted noise removed", truth.summary_line(keep, truth.truth_by_key(shards))))
+    return rows
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -69,6 +91,7 @@ def build_rows(run_dir: Path, shards: Path | None) -> list[tuple[str, str]]:
     chance = math.log(batch)
     first, last = records[0], records[-1]
     speeds = [r["samples_per_s"] for r in records[1:]] or [first["samples_per_s"]]
+    rows += _curation_rows(config["data"].get("keep_list"), shards)
     rows += [
         ("model", f"{config['model']['name']}: {params / 1e6:.2f}M parameters, "
                   f"{_precision(config)} on {state.get('world_size', 1)} rank(s)"),
