@@ -13,7 +13,7 @@ SHARDS_ARGS ?=
 CONFIG ?= configs/tiny_demo.toml
 TRAIN_ARGS ?=
 
-.PHONY: install shards curate validate tokenizer train eval demo test bench bench-learning gpu-pack gpu-check-dry clean
+.PHONY: install shards curate validate tokenizer train eval demo demo-curated test bench bench-learning gpu-pack gpu-check-dry clean
 
 install: $(STAMP)
 
@@ -26,12 +26,20 @@ $(STAMP): pyproject.toml
 shards: $(STAMP)
 	$(PY) -m data_pipeline.shards --output $(SHARDS) $(if $(URL_LIST),--url-list $(URL_LIST)) $(SHARDS_ARGS)
 
-# Curate a shard pool (data_pipeline/curate/): exact and near dedup, caption filters, and with a
-# model (CURATE_ARGS="--checkpoint runs/X --clip-score-top 0.3") the CLIP-score filter. The demo's
-# flat renders defeat perceptual hashes (colour-blind), so the default leaves those off.
-CURATE_SHARDS ?= $(DEMO)/train
-CURATED ?= data/curated
-CURATE_ARGS ?= --no-hash-dedup
+# Curate a shard pool (data_pipeline/curate/): exact and near dedup, caption filters,
+# decontamination and, with a model, the CLIP-score filter. The default is `make demo-curated`'s
+# curation of the noisy demo pool: a filter CLIP bootstrapped on a trusted seed set (DFN-style),
+# 16x16 pixel dedup instead of perceptual hashes (colour-blind on flat renders) and no embedding
+# dedup (a model's embeddings call two renders of one scene duplicates). With a published CLIP:
+# CURATE_ARGS="--pretrained FILE --model vit_b32_quickgelu --clip-score-top 0.3" (README).
+NOISY := data/demo_pool
+NOISY_SEED := data/demo_seed
+NOISY_CURATED := data/demo_curated
+NOISY_CURATE_ARGS := --bootstrap $(NOISY_SEED)/train --bootstrap-set train.epochs=5 --clip-score-top 0.9 \
+	--no-hash-dedup --pixel-dedup --no-model-dedup --no-shards --decontaminate demo=$(NOISY)
+CURATE_SHARDS ?= $(NOISY)/train
+CURATED ?= $(NOISY_CURATED)
+CURATE_ARGS ?= $(NOISY_CURATE_ARGS)
 curate: $(STAMP)
 	$(PY) -m data_pipeline.curate --shards $(CURATE_SHARDS) --out $(CURATED) $(CURATE_ARGS)
 
@@ -54,6 +62,20 @@ demo: $(STAMP)
 	$(PY) -m training.main --config configs/tiny_demo.toml checkpoint.resume=latest
 	$(PY) -m eval.run --checkpoint runs/tiny_demo --demo $(DEMO)
 	$(PY) -m training.report --run-dir runs/tiny_demo --shards $(DEMO)
+
+# The same through curation (~10 min here): a noisy pool (web-like noise planted, the truth in
+# noise.json) and a trusted seed set -> curate (bootstrapped filter) -> train on the kept pairs
+# (data.keep_list, nothing copied) -> eval -> report with what curation removed against the truth.
+demo-curated: $(STAMP)
+	$(PY) -m data_pipeline.shards --output $(NOISY) --noise --incremental
+	$(PY) -m data_pipeline.shards --output $(NOISY_SEED) --num-samples 4000 --seed 101 --texture --incremental
+	$(PY) -m data_pipeline.validate $(NOISY)
+	test -f $(NOISY)/tokenizer.json || $(PY) -m training.text.tokenizer --shards $(NOISY)/train --out $(NOISY)/tokenizer.json
+	$(PY) -m data_pipeline.curate --shards $(NOISY)/train --out $(NOISY_CURATED) $(NOISY_CURATE_ARGS)
+	$(PY) -m training.main --config configs/tiny_demo.toml checkpoint.resume=latest data.train_shards=$(NOISY)/train \
+		data.keep_list=$(NOISY_CURATED)/keep_list.parquet train.run_dir=runs/tiny_demo_curated
+	$(PY) -m eval.run --checkpoint runs/tiny_demo_curated --demo $(NOISY)
+	$(PY) -m training.report --run-dir runs/tiny_demo_curated --shards $(NOISY)
 
 # Zero-shot / retrieval suites against a run's newest checkpoint (see README "Evaluate").
 RUN ?= runs/tiny_demo
