@@ -45,20 +45,20 @@ def _curation_rows(keep_list: str | None, shards: Path | None) -> list[tuple[str
     counts, and, for a noisy demo pool, how much of each planted kind is gone."""
     if not keep_list:
         return []
-    data = _read_json(Path(keep_list).parent / "report.json")
+    from data_pipeline.curate import truth
+    from data_pipeline.curate.decisions import REPORT_JSON
+
+    data = _read_json(Path(keep_list).parent / REPORT_JSON)
     if data is None:
-        return [("curation", f"trained on the keep-list {keep_list} (no report.json beside it)")]
+        return [("curation", f"trained on the keep-list {keep_list} (no {REPORT_JSON} beside it)")]
     steps = ", ".join(f"{r['step']} -{r['removed']:,}" for r in data["steps"])
     rows = [("curation", f"{data['pairs_in']:,} pairs in -> {data['pairs_kept']:,} kept "
                          f"({100 * data['pairs_kept'] / max(1, data['pairs_in']):.1f}%): {steps}")]
-    if shards is not None:
-        from data_pipeline.curate import truth
+    if shards is not None and truth.has_truth(shards):
+        import pandas as pd
 
-        if truth.has_truth(shards):
-            import pandas as pd
-
-            keep = pd.read_parquet(keep_list)
-            rows.append(("planted noise removed", truth.summary_line(keep, truth.truth_by_key(shards))))
+        keep = pd.read_parquet(keep_list)
+        rows.append(("planted noise removed", truth.summary_line(keep, truth.truth_by_key(shards))))
     return rows
 
 
