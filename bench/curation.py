@@ -152,6 +152,13 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _write(report: dict, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    text = to_markdown(report)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -170,9 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         for arm, runs in report["training"].items():
             for run in runs:
                 run.update(score(WORK / f"{arm}_{run['seed']}", pool, clean_eval))
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        out.with_suffix(".md").write_text(to_markdown(report))
-        print(to_markdown(report))
+        _write(report, out)
         return
     # The filter model: the demo's tiny_cnn, ~150 steps on the trusted set (what the demo needs
     # to tell colours apart, which is what a mismatched caption gets wrong first).
@@ -211,9 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         report["training"]["curated"].append(
             train_and_score(pool, WORK / f"curated_{seed}", steps, seed, curated / "keep_list.parquet", clean_eval))
         print(json.dumps({k: v[-1] for k, v in report["training"].items()}), flush=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    _write(report, out)
 
 
 if __name__ == "__main__":

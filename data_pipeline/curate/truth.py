@@ -24,6 +24,8 @@ STEP_FOR = {
     "boilerplate": "captions",
     "contamination": "decontaminate",
 }
+# Planted copies of another train image: found when at most one of copy and source survives.
+COPY_KINDS = ("exact_duplicate", "near_duplicate")
 
 
 def _shard_id(shard: str) -> str:
@@ -65,7 +67,7 @@ def filter_scores(keep: pd.DataFrame, truth: pd.DataFrame) -> list[dict]:
     for kind, step in STEP_FOR.items():
         planted = merged[merged["kind"] == kind]
         by_step = merged["removed_by"] == step
-        if kind in ("exact_duplicate", "near_duplicate"):
+        if kind in COPY_KINDS:
             pairs = [(c, o) for c, o in zip(planted["file"], planted["of"]) if o in by_file.index]
             found = sum(not by_file.loc[[c, o], "kept"].all() for c, o in pairs)
             recall = found / max(1, len(pairs))
@@ -101,7 +103,7 @@ def clean_removed(keep: pd.DataFrame, truth: pd.DataFrame) -> float:
     """Share of clean pairs that curation removed, a planted copy's source excepted (removing
     the source instead of the copy still leaves one copy)."""
     merged = _with_truth(keep, truth)
-    sources = set(merged.loc[merged["kind"].isin(["exact_duplicate", "near_duplicate"]), "of"])
+    sources = set(merged.loc[merged["kind"].isin(COPY_KINDS), "of"])
     clean = (merged["kind"] == "clean") & ~merged["file"].isin(sources)
     return float((clean & ~merged["kept"]).sum() / max(1, clean.sum()))
 
