@@ -70,6 +70,9 @@ class DataPaths:
         with one class name per line, in sorted folder order (default: the folder names).
     retrieval_csv: CSV with columns image, caption (several rows per image; paths relative to
         the CSV). retrieval_shards: webdataset shards whose .txt holds one caption per line.
+    wds_root: local copies of DataComp's / CLIP_benchmark's eval sets, one folder per task
+        (wds_imagenet1k/, wds_vtab-cifar100_test/, ...; eval.wds_tasks), for the datacomp,
+        imagenet_shifts and vtab suites and the retrieval suite's Flickr/MSCOCO.
     """
 
     demo: Path | None = None
@@ -80,6 +83,7 @@ class DataPaths:
     imagefolder_classes: Path | None = None
     retrieval_csv: Path | None = None
     retrieval_shards: str | None = None  # a shard spec, as training's train_shards
+    wds_root: Path | None = None  # one folder per task in CLIP_benchmark's webdataset layout
 
     def __post_init__(self) -> None:
         for f in fields(self):

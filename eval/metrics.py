@@ -98,3 +98,34 @@ def retrieval_chance(texts_per_image: Sequence[int], ks: Sequence[int] = RECALL_
         misses = [math.comb(n_texts - m, kk) / math.comb(n_texts, kk) for m in texts_per_image]
         chance[f"text_retrieval_recall@{k}"] = 1 - sum(misses) / n_images
     return chance
+
+
+# -- group and per-class metrics (WILDS, fairness sets) ------------------------------------------
+
+
+def group_accuracy(
+    hits: torch.Tensor, groups: torch.Tensor, exclude: Sequence[int] = ()
+) -> tuple[float, dict[int, float]]:
+    """hits [N] (1 = right), groups [N] integer group ids -> (worst accuracy over the groups
+    present, {group: accuracy}). Groups in `exclude` are reported but not counted as the worst
+    (FMoW's "Other" region). WILDS's worst-group accuracy, without torch_scatter."""
+    hits, groups = hits.float(), groups.long()
+    per_group = {int(g): hits[groups == g].mean().item() for g in groups.unique()}
+    counted = [v for g, v in per_group.items() if g not in set(exclude)]
+    if not counted:
+        raise ValueError("no group left to take the worst of")
+    return min(counted), per_group
+
+
+def macro_f1(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """F1 averaged over the classes present in `targets` (WILDS's F1 with average="macro"
+    and labels = the true classes; iWildCam's main metric). A class never predicted right
+    scores 0."""
+    scores = []
+    for c in targets.unique():
+        predicted, actual = predictions == c, targets == c
+        true_pos = (predicted & actual).sum().item()
+        precision = true_pos / max(predicted.sum().item(), 1)
+        recall = true_pos / actual.sum().item()
+        scores.append(0.0 if true_pos == 0 else 2 * precision * recall / (precision + recall))
+    return sum(scores) / len(scores)

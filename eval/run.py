@@ -4,6 +4,7 @@
     python -m eval.run --checkpoint runs/x/checkpoints/step_00001000.pt \\
         --suite cifar10,cifar100,imagenet --cifar10 ~/data --cifar100 ~/data --imagenet ~/imagenet
     python -m eval.run --watch runs/x --suite demo,linear_probe --demo data/demo --wandb
+    python -m eval.run --checkpoint runs/x --suite datacomp --wds-root ~/datacomp_eval
     python -m eval.run --pretrained ViT-B-32.pt --model vit_b32_quickgelu \\
         --bpe bpe_simple_vocab_16e6.txt.gz --cifar10 ~/data
 
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--imagefolder-classes", type=Path, help="class names: .txt or .json")
     data.add_argument("--retrieval-csv", type=Path, help="CSV with columns image,caption")
     data.add_argument("--retrieval-shards", help="webdataset shards (captions: lines of .txt)")
+    data.add_argument("--wds-root", type=Path, help="DataComp/CLIP_benchmark eval sets, one "
+                      "webdataset folder per task (wds_imagenet1k/, wds_vtab-cifar100_test/, ...)")
     probe = p.add_argument_group("linear probe")
     probe.add_argument("--probe-datasets", help="comma-separated: demo,cifar10,cifar100,imagefolder")
     probe.add_argument("--probe-max-train", type=int, help="cap on training images")
@@ -89,6 +92,8 @@ def _default_suites(paths: DataPaths) -> list[str]:
              if getattr(paths, name) is not None]
     if paths.retrieval_csv is not None or paths.retrieval_shards is not None:
         given.append("retrieval")
+    if paths.wds_root is not None:
+        given.append("datacomp")
     if not given:
         raise UserError("nothing to evaluate: give --suite and the dataset options it needs "
                         "(e.g. --suite demo --demo data/demo)")
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         demo=args.demo, cifar10=args.cifar10, cifar100=args.cifar100, imagenet=args.imagenet,
         imagefolder=args.imagefolder, imagefolder_classes=args.imagefolder_classes,
         retrieval_csv=args.retrieval_csv, retrieval_shards=args.retrieval_shards,
+        wds_root=args.wds_root,
     )
     probe_kwargs = {"datasets": _csv(args.probe_datasets),
                     "max_train_images": args.probe_max_train, "blas_threads": args.probe_threads}

@@ -11,6 +11,9 @@ evaluates one checkpoint and returns plain results. Adding a suite = one entry i
     imagefolder   zero-shot on any ImageFolder with a class-names file
     retrieval     image<->text recall@k from --retrieval-csv and/or --retrieval-shards
     linear_probe  logistic regression on frozen features (demo, cifar10, cifar100, imagefolder)
+    datacomp      DataComp's 38 tasks from --wds-root, each with its own metric, and the
+                  aggregates (eval.datacomp); imagenet_shifts and vtab select parts of it, and
+                  retrieval scores Flickr/MSCOCO from --wds-root too
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Callable
 import torch
 
 from data_pipeline.errors import UserError
+from eval import datacomp
 from eval.config import PROBE_DATASETS, DataPaths, InferenceConfig, LinearProbeConfig
 from eval.datasets import (
     LAYOUTS, ClassificationSet, cifar_root, imagenet_source, load_cifar, load_imagefolder,
@@ -95,10 +99,15 @@ def _check_imagefolder(paths: DataPaths, _: LinearProbeConfig) -> None:
 
 
 def _check_retrieval(paths: DataPaths, _: LinearProbeConfig) -> None:
-    if paths.retrieval_csv is None and paths.retrieval_shards is None:
+    if paths.retrieval_csv is None and paths.retrieval_shards is None and paths.wds_root is None:
         raise UserError("the retrieval suite needs --retrieval-csv FILE (columns image,caption; "
-                        "several rows per image) or --retrieval-shards DIR (webdataset shards, "
-                        "captions one per line in .txt)")
+                        "several rows per image), --retrieval-shards DIR (webdataset shards, "
+                        "captions one per line in .txt) or --wds-root DIR (Flickr/MSCOCO in "
+                        "CLIP_benchmark's webdataset layout)")
+    if paths.wds_root is not None and paths.retrieval_csv is None and paths.retrieval_shards is None:
+        datacomp.check(paths.wds_root, "retrieval")  # then it must hold Flickr or MSCOCO
+    elif paths.wds_root is not None:
+        datacomp.locate(paths.wds_root, datacomp.SELECTIONS["retrieval"])  # layouts, if any
     if paths.retrieval_csv is not None and not paths.retrieval_csv.is_file():
         raise UserError(f"--retrieval-csv {paths.retrieval_csv}: no such file")
     if paths.retrieval_shards is not None:
@@ -160,7 +169,21 @@ def _run_retrieval(ctx: EvalContext) -> list[EvalResult]:
         sources.append(load_retrieval_csv(ctx.paths.retrieval_csv, ctx.trained.image_size))
     if ctx.paths.retrieval_shards is not None:
         sources.append(load_retrieval_shards(ctx.paths.retrieval_shards, ctx.trained.image_size))
-    return [zeroshot_retrieval(ctx.trained, data, ctx.infer) for data in sources]
+    results = [zeroshot_retrieval(ctx.trained, data, ctx.infer) for data in sources]
+    if ctx.paths.wds_root is not None and datacomp.locate(
+            ctx.paths.wds_root, datacomp.SELECTIONS["retrieval"])[0]:
+        results += datacomp.run_selection(ctx.trained, ctx.paths.wds_root, "retrieval", ctx.infer)
+    return results
+
+
+def _datacomp_suite(selection: str) -> Suite:
+    def check(paths: DataPaths, _: LinearProbeConfig) -> None:
+        datacomp.check(paths.wds_root, selection)
+
+    def run(ctx: EvalContext) -> list[EvalResult]:
+        return datacomp.run_selection(ctx.trained, ctx.paths.wds_root, selection, ctx.infer)
+
+    return Suite(check, run)
 
 
 def _probe_set(ctx: EvalContext, name: str) -> ClassificationSet:
@@ -189,6 +212,9 @@ SUITES: dict[str, Suite] = {
     "imagefolder": Suite(_check_imagefolder, _run_imagefolder),
     "retrieval": Suite(_check_retrieval, _run_retrieval),
     "linear_probe": Suite(_check_probe, _run_probe),
+    "datacomp": _datacomp_suite("datacomp"),
+    "imagenet_shifts": _datacomp_suite("imagenet_shifts"),
+    "vtab": _datacomp_suite("vtab"),
 }
 
 

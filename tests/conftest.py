@@ -102,3 +102,10 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"building the demo corpus failed:\n{result.stdout}\n{result.stderr}")
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_shards, tmp_path_factory) -> Path:
+    """A tiny run trained on the demo shards: checkpoints at steps 2, 4 and 6 (the eval tests)."""
+    return train_tiny_run(demo_shards / "train", tmp_path_factory.mktemp("eval_trained"),
+                          "train.steps=6", "checkpoint.every=2", "checkpoint.keep=10")

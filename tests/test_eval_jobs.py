@@ -20,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import train_tiny_run
 from eval import run as eval_run
 from eval import search as eval_search
 from eval.config import InferenceConfig
@@ -43,12 +42,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def trained_run(demo_shards, tmp_path_factory) -> Path:
-    return train_tiny_run(demo_shards / "train", tmp_path_factory.mktemp("eval_trained"),
-                          "train.steps=6", "checkpoint.every=2", "checkpoint.keep=10")
 
 
 def _checkpoint(run: Path, step: int) -> Path:
