@@ -16,6 +16,11 @@ The file list is the architecture:
     features.py     batched, no-grad image/text encoding and prompt-ensembled class embeddings
     metrics.py      top-k accuracy, mean per-class recall, retrieval recall@k, chance levels
     zeroshot.py     zero-shot classification
+    datacomp.py     the DataComp 38-task suite: per-task metrics, group metrics, aggregates
+    datacomp_tasks.py  DataComp's task list, main metrics, aggregates, OpenAI B/32 reference
+    wds_tasks.py    eval sets in CLIP_benchmark's webdataset layout (one folder per task)
+    compositionality.py  SugarCrepe and Winoground
+    sharding.py     eval under torchrun: a slice per rank, features gathered, rank 0 records
     retrieval.py    image<->text retrieval (several captions per image)
     linear_probe.py logistic regression on frozen image features, C chosen on a validation split
     demo.py         the demo corpus suite (compositional held-out colour x shape) and the

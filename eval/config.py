@@ -39,6 +39,8 @@ class InferenceConfig:
     precision: PrecisionName = "auto"
     device: str = "auto"
     max_images: int | None = None
+    # Under torchrun (eval.run sets it): each rank encodes a slice, features gathered (eval.sharding).
+    sharded: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -84,6 +86,9 @@ class DataPaths:
     retrieval_csv: Path | None = None
     retrieval_shards: str | None = None  # a shard spec, as training's train_shards
     wds_root: Path | None = None  # one folder per task in CLIP_benchmark's webdataset layout
+    sugarcrepe: Path | None = None  # the sugar-crepe data/ JSONs (eval.compositionality)
+    sugarcrepe_images: Path | None = None  # COCO val2017 (default: val2017/ beside the JSONs)
+    winoground: Path | None = None  # data/examples.jsonl + data/images/
 
     def __post_init__(self) -> None:
         for f in fields(self):

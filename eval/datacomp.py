@@ -36,6 +36,7 @@ from eval.metrics import (
 from eval.results import EvalResult
 from eval.retrieval import RetrievalSet, zeroshot_retrieval
 from eval.shard_images import ShardImages
+from eval.sharding import is_main
 from eval.wds_tasks import WdsFolder, find_task_folder, label_and_metadata, read_wds_folder
 from training.model.trained import TrainedModel
 
@@ -223,5 +224,6 @@ def run_selection(trained: TrainedModel, root: Path, selection: str,
         run = run_retrieval if task.kind == "retrieval" else run_classification
         scored.append((task, run(trained, task, wds, cfg)))
     summary = aggregate(selection, scored, missing)
-    print(f"{selection} suite on {root}:\n{format_table(scored, summary, missing)}", flush=True)
+    if is_main():
+        print(f"{selection} suite on {root}:\n{format_table(scored, summary, missing)}", flush=True)
     return [result for _, result in scored] + [summary]

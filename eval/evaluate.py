@@ -17,6 +17,7 @@ from eval.plots import METRICS_PNG, plot_metrics
 from eval.results import (
     EvalResult, format_summary, mark_done, read_results, suites_done, write_result,
 )
+from eval.sharding import agree, barrier, is_main
 from eval.suites import SUITES, EvalContext
 from eval.wandb_log import WandbSink
 from training.model.trained import TrainedModel, load_trained_model
@@ -48,7 +49,7 @@ class CheckpointEvaluator:
         return [s for s in self.suites if s not in done]
 
     def __call__(self, checkpoint: Path) -> list[EvalResult]:
-        todo = self.pending(checkpoint)
+        todo = agree(self.pending(checkpoint))  # sharded: rank 0's view of done.json
         if not todo:
             print(f"{checkpoint.name}: already evaluated ({', '.join(self.suites)}); skipped",
                   flush=True)
@@ -57,12 +58,17 @@ class CheckpointEvaluator:
         trained = self.load(checkpoint, device=self.infer.device)
         ctx = EvalContext(trained, self.infer, self.paths, self.probe)
         results: list[EvalResult] = []
+        main = is_main()  # sharded (torchrun): every rank evaluates, rank 0 alone records
         for suite in todo:
             suite_results = SUITES[suite].run(ctx)
-            for result in suite_results:
-                write_result(self.out_dir, checkpoint, trained.step, result)
-            mark_done(self.out_dir, checkpoint, trained.step, [suite])
+            if main:
+                for result in suite_results:
+                    write_result(self.out_dir, checkpoint, trained.step, result)
+                mark_done(self.out_dir, checkpoint, trained.step, [suite])
+            barrier()  # no rank reads done.json before rank 0 has written it
             results += suite_results
+        if not main:
+            return results
         title = (f"step {trained.step}  {checkpoint}  ({', '.join(todo)}; "
                  f"{time.perf_counter() - started:.1f} s)")
         print(format_summary(results, title), flush=True)

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from eval.config import InferenceConfig
+from eval.sharding import gather_encoded, rank_slice
+from training.parallel.collectives import world_info
 from training.model import CLIP
 from training.parallel.precision import Precision
 from training.text.tokenizer import Tokenizer
@@ -34,9 +36,15 @@ def collate_images(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor,
 def encode_images(
     model: CLIP, dataset: Dataset, cfg: InferenceConfig, desc: str = "images"
 ) -> tuple[torch.Tensor, list[Any]]:
-    """All images of `dataset` (at most cfg.max_images) -> (features [N, D], payloads)."""
+    """All images of `dataset` (at most cfg.max_images) -> (features [N, D], payloads).
+    Under torchrun each rank encodes its slice and every rank gets all of them (eval.sharding);
+    max_images then caps each rank at its share, so a capped sharded run sees another subset.
+    Only with cfg.sharded: callers that already give each rank its own shards (curation's
+    embedding pass) encode just what they are handed."""
+    world = world_info()[1] if cfg.sharded else 1
+    cap = None if cfg.max_images is None else -(-cfg.max_images // world)
     loader = DataLoader(
-        dataset,
+        rank_slice(dataset) if cfg.sharded else dataset,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         collate_fn=collate_images,
@@ -44,19 +52,21 @@ def encode_images(
         pin_memory=str(cfg.device).startswith("cuda"),
     )
     batches = loader
-    if cfg.max_images is not None:
-        batches = islice(loader, -(-cfg.max_images // cfg.batch_size))
+    if cap is not None:
+        batches = islice(loader, -(-cap // cfg.batch_size))
     chunks, payloads = [], []
-    total = len(dataset) if not isinstance(dataset, IterableDataset) else None
+    total = len(dataset) // world if not isinstance(dataset, IterableDataset) else None
     for images, batch_payloads in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False,
                                        total=None if total is None else -(-total // cfg.batch_size)):
         with autocast(cfg):
             features = model.encode_image(images.to(cfg.device, non_blocking=True), normalize=True)
         chunks.append(features.float().cpu())
         payloads.extend(batch_payloads)
-    if not chunks:
+    features = torch.cat(chunks)[:cap] if chunks else None
+    if cfg.sharded:
+        features, payloads = gather_encoded(features, payloads[:cap])
+    if features is None:
         raise ValueError(f"no {desc} to encode")
-    features = torch.cat(chunks)
     if cfg.max_images is not None:
         features, payloads = features[: cfg.max_images], payloads[: cfg.max_images]
     return features, payloads

@@ -20,6 +20,8 @@ suite whose dataset option is given runs (the linear probe only when named).
 from __future__ import annotations
 
 import argparse
+import os
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -34,6 +36,7 @@ from training.interop.import_checkpoint import (
     check_model_name, import_pretrained, load_clip_tokenizer,
 )
 from training.model.trained import TrainedModel, load_trained_model, resolve_checkpoint
+from training.parallel.process_group import Distributed, setup_distributed, teardown_distributed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--retrieval-shards", help="webdataset shards (captions: lines of .txt)")
     data.add_argument("--wds-root", type=Path, help="DataComp/CLIP_benchmark eval sets, one "
                       "webdataset folder per task (wds_imagenet1k/, wds_vtab-cifar100_test/, ...)")
+    data.add_argument("--sugarcrepe", type=Path, help="sugar-crepe checkout (data/*.json)")
+    data.add_argument("--sugarcrepe-images", type=Path, help="COCO val2017 images "
+                      "(default: val2017/ or images/ beside the JSONs)")
+    data.add_argument("--winoground", type=Path, help="data/examples.jsonl + data/images/")
     probe = p.add_argument_group("linear probe")
     probe.add_argument("--probe-datasets", help="comma-separated: demo,cifar10,cifar100,imagefolder")
     probe.add_argument("--probe-max-train", type=int, help="cap on training images")
@@ -94,6 +101,7 @@ def _default_suites(paths: DataPaths) -> list[str]:
         given.append("retrieval")
     if paths.wds_root is not None:
         given.append("datacomp")
+    given += [name for name in ("sugarcrepe", "winoground") if getattr(paths, name) is not None]
     if not given:
         raise UserError("nothing to evaluate: give --suite and the dataset options it needs "
                         "(e.g. --suite demo --demo data/demo)")
@@ -131,11 +139,21 @@ def _pretrained_file(path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Under torchrun: one process per rank, each embedding a slice of every dataset (eval.sharding).
+    env = setup_distributed(args.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    try:
+        return _main(args, env)
+    finally:
+        teardown_distributed()
+
+
+def _main(args: argparse.Namespace, env: Distributed | None) -> int:
     paths = DataPaths(
         demo=args.demo, cifar10=args.cifar10, cifar100=args.cifar100, imagenet=args.imagenet,
         imagefolder=args.imagefolder, imagefolder_classes=args.imagefolder_classes,
         retrieval_csv=args.retrieval_csv, retrieval_shards=args.retrieval_shards,
-        wds_root=args.wds_root,
+        wds_root=args.wds_root, sugarcrepe=args.sugarcrepe,
+        sugarcrepe_images=args.sugarcrepe_images, winoground=args.winoground,
     )
     probe_kwargs = {"datasets": _csv(args.probe_datasets),
                     "max_train_images": args.probe_max_train, "blas_threads": args.probe_threads}
@@ -143,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         probe_kwargs["c_grid"] = _csv(args.probe_c_grid, float)
     probe = LinearProbeConfig(**probe_kwargs)
     infer = InferenceConfig(batch_size=args.batch_size, workers=args.workers,
-                            precision=args.precision, device=args.device,
-                            max_images=args.max_images)
+                            precision=args.precision,
+                            device=args.device if env is None else str(env.device),
+                            max_images=args.max_images, sharded=env is not None)
     suites = parse_suites(args.suite) if args.suite else _default_suites(paths)
     check_suites(suites, paths, probe)  # every dataset problem surfaces before any model loads
     load = _model_loader(args)
@@ -158,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                       else _pretrained_file(args.pretrained))
         out_dir = args.out or default_out_dir(checkpoint)
         run_dir = out_dir.parent
-    sink = WandbSink(args.wandb_mode, run_dir) if args.wandb else None
+    main_rank = env is None or env.is_main
+    sink = WandbSink(args.wandb_mode, run_dir) if args.wandb and main_rank else None
     evaluator = CheckpointEvaluator(suites, infer, paths, probe, out_dir, force=args.force,
                                     plot=not args.no_plot, wandb=sink, load=load)
     try:
         if args.watch is not None:
-            with WatchLock(out_dir):
+            with WatchLock(out_dir) if main_rank else nullcontext():  # rank 0 owns the folder
                 watch(cfg, evaluator.pending, evaluator)
         else:
             evaluator(checkpoint)

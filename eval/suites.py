@@ -14,6 +14,8 @@ evaluates one checkpoint and returns plain results. Adding a suite = one entry i
     datacomp      DataComp's 38 tasks from --wds-root, each with its own metric, and the
                   aggregates (eval.datacomp); imagenet_shifts and vtab select parts of it, and
                   retrieval scores Flickr/MSCOCO from --wds-root too
+    sugarcrepe    caption vs hard negative per category (eval.compositionality)
+    winoground    text, image and group scores
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable
 import torch
 
 from data_pipeline.errors import UserError
-from eval import datacomp
+from eval import compositionality, datacomp
 from eval.config import PROBE_DATASETS, DataPaths, InferenceConfig, LinearProbeConfig
 from eval.datasets import (
     LAYOUTS, ClassificationSet, cifar_root, imagenet_source, load_cifar, load_imagefolder,
@@ -176,6 +178,16 @@ def _run_retrieval(ctx: EvalContext) -> list[EvalResult]:
     return results
 
 
+def _check_sugarcrepe(paths: DataPaths, _: LinearProbeConfig) -> None:
+    _require("--sugarcrepe", paths.sugarcrepe, compositionality.SUGARCREPE_LAYOUT)
+    compositionality.sugarcrepe_files(paths.sugarcrepe, paths.sugarcrepe_images)
+
+
+def _check_winoground(paths: DataPaths, _: LinearProbeConfig) -> None:
+    _require("--winoground", paths.winoground, compositionality.WINOGROUND_LAYOUT)
+    compositionality.winoground_examples(paths.winoground)
+
+
 def _datacomp_suite(selection: str) -> Suite:
     def check(paths: DataPaths, _: LinearProbeConfig) -> None:
         datacomp.check(paths.wds_root, selection)
@@ -215,6 +227,10 @@ SUITES: dict[str, Suite] = {
     "datacomp": _datacomp_suite("datacomp"),
     "imagenet_shifts": _datacomp_suite("imagenet_shifts"),
     "vtab": _datacomp_suite("vtab"),
+    "sugarcrepe": Suite(_check_sugarcrepe, lambda ctx: [compositionality.evaluate_sugarcrepe(
+        ctx.trained, ctx.paths.sugarcrepe, ctx.paths.sugarcrepe_images, ctx.infer)]),
+    "winoground": Suite(_check_winoground, lambda ctx: [compositionality.evaluate_winoground(
+        ctx.trained, ctx.paths.winoground, ctx.infer)]),
 }
 
 

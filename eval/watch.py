@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from data_pipeline.errors import UserError
+from eval.sharding import agree
 from training.checkpoint import list_checkpoints
 
 FINISHED_MARKER = "finished.json"
@@ -100,10 +101,11 @@ def watch(
     evaluated = 0
     last_news = time.monotonic()
     while True:
-        marker_step = _finished_step(cfg.run_dir)  # read before listing: see below
-        checkpoints = list_checkpoints(cfg.run_dir)
+        # Sharded (torchrun): every decision is rank 0's, so all ranks evaluate the same things.
+        marker_step = agree(_finished_step(cfg.run_dir))  # read before listing: see below
+        checkpoints = agree(list_checkpoints(cfg.run_dir))
         for checkpoint in checkpoints:
-            if not pending(checkpoint):
+            if not agree(bool(pending(checkpoint))):
                 continue
             try:
                 evaluate(checkpoint)
@@ -120,7 +122,7 @@ def watch(
         if marker_step is not None and marker_step >= newest:
             print(f"{cfg.run_dir}: training finished; {evaluated} checkpoint(s) evaluated", flush=True)
             return evaluated
-        if cfg.max_wait is not None and time.monotonic() - last_news >= cfg.max_wait:
+        if agree(cfg.max_wait is not None and time.monotonic() - last_news >= cfg.max_wait):
             print(f"{cfg.run_dir}: no new checkpoint for {cfg.max_wait:g} s; stopping "
                   f"({evaluated} evaluated)", flush=True)
             return evaluated
