@@ -112,12 +112,18 @@ def _group_metrics(task: Task, logits: torch.Tensor, targets: torch.Tensor,
 
 
 def run_classification(trained: TrainedModel, task: Task, wds: WdsFolder,
-                       cfg: InferenceConfig) -> EvalResult:
+                       cfg: InferenceConfig, classifiers: dict | None = None) -> EvalResult:
+    """classifiers: class-embedding matrices already built for this checkpoint, keyed by
+    (class names, templates): ImageNet, v2 and Sketch share one 1000 x 80-prompt matrix."""
     started = time.perf_counter()
     data = ShardImages(wds.urls, trained.image_size, label_and_metadata)
     features, payloads = encode_images(trained.model, data, cfg, task.name)
-    classifier = class_embeddings(trained.model, trained.tokenizer, wds.classnames, wds.templates,
-                                  cfg)
+    classifiers = {} if classifiers is None else classifiers
+    key = (tuple(wds.classnames), tuple(wds.templates))
+    if key not in classifiers:
+        classifiers[key] = class_embeddings(trained.model, trained.tokenizer, wds.classnames,
+                                            wds.templates, cfg)
+    classifier = classifiers[key]
     logits = features @ classifier.T
     targets = torch.tensor([label for label, _ in payloads], dtype=torch.long)
     if int(targets.max()) >= len(wds.classnames) or int(targets.min()) < 0:
@@ -219,10 +225,12 @@ def format_table(scored: list[tuple[Task, EvalResult]], summary: EvalResult,
 def run_selection(trained: TrainedModel, root: Path, selection: str,
                   cfg: InferenceConfig) -> list[EvalResult]:
     found, missing = locate(root, SELECTIONS[selection])
-    scored = []
+    scored, classifiers = [], {}
     for task, wds in found:
-        run = run_retrieval if task.kind == "retrieval" else run_classification
-        scored.append((task, run(trained, task, wds, cfg)))
+        if task.kind == "retrieval":
+            scored.append((task, run_retrieval(trained, task, wds, cfg)))
+        else:
+            scored.append((task, run_classification(trained, task, wds, cfg, classifiers)))
     summary = aggregate(selection, scored, missing)
     if is_main():
         print(f"{selection} suite on {root}:\n{format_table(scored, summary, missing)}", flush=True)
