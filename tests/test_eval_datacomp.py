@@ -23,6 +23,7 @@ from eval.datacomp import aggregate, locate
 from eval.datacomp_tasks import SELECTIONS, TASKS
 from eval.metrics import group_accuracy, macro_f1
 from eval.results import EvalResult
+from eval.wandb_log import wandb_payload
 from training.data.transforms import build_eval_transform
 from training.model.trained import load_trained_model
 
@@ -57,7 +58,7 @@ def test_macro_f1_known_answer_and_sklearn():
 
 def _result(task, value: float, chance: float) -> tuple:
     metric = task.main_metric
-    return task, EvalResult(task.key, "zeroshot_classification", {metric: value},
+    return task, EvalResult(task.key.replace("/", "-"), "zeroshot_classification", {metric: value},
                             {metric: chance}, 10, {"main_metric": metric})
 
 
@@ -84,6 +85,10 @@ def test_aggregate_equals_hand_computation():
     # Chance comes from tasklist.yml's random_score where it gives one (not from the result).
     assert summary.chance["vtab"] == pytest.approx((0.01 + 0.117897) / 2)
     assert len(summary.details["tasks_missing"]) == 31
+    # W&B gets the aggregates beside every task's metrics, on the eval step axis.
+    payload = wandb_payload(1000, [r for _, r in scored] + [summary])
+    assert payload["eval/step"] == 1000 and payload["eval/vtab-svhn/acc1"] == 0.20
+    assert payload["eval/datacomp/average"] == pytest.approx(summary.metrics["average"])
 
 
 # -- fake task folders ---------------------------------------------------------------------------
