@@ -225,6 +225,8 @@ def format_table(scored: list[tuple[Task, EvalResult]], summary: EvalResult,
 def run_selection(trained: TrainedModel, root: Path, selection: str,
                   cfg: InferenceConfig) -> list[EvalResult]:
     found, missing = locate(root, SELECTIONS[selection])
+    if not found:  # only the retrieval suite gets here so (beside its CSV or shards)
+        return []
     scored, classifiers = [], {}
     for task, wds in found:
         if task.kind == "retrieval":

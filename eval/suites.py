@@ -172,8 +172,7 @@ def _run_retrieval(ctx: EvalContext) -> list[EvalResult]:
     if ctx.paths.retrieval_shards is not None:
         sources.append(load_retrieval_shards(ctx.paths.retrieval_shards, ctx.trained.image_size))
     results = [zeroshot_retrieval(ctx.trained, data, ctx.infer) for data in sources]
-    if ctx.paths.wds_root is not None and datacomp.locate(
-            ctx.paths.wds_root, datacomp.SELECTIONS["retrieval"])[0]:
+    if ctx.paths.wds_root is not None:
         results += datacomp.run_selection(ctx.trained, ctx.paths.wds_root, "retrieval", ctx.infer)
     return results
 

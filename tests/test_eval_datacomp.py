@@ -24,6 +24,7 @@ from eval.datacomp_tasks import SELECTIONS, TASKS
 from eval.metrics import group_accuracy, macro_f1
 from eval.results import EvalResult
 from eval.wandb_log import wandb_payload
+from test_eval_datasets import _write_shard
 from training.data.transforms import build_eval_transform
 from training.model.trained import load_trained_model
 
@@ -108,16 +109,6 @@ def _npy(row: list[int]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for i, sample in enumerate(samples):
-            for ext, data in sample.items():
-                info = tarfile.TarInfo(f"s{i:05d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def _classification_folder(root: Path, name: str, rows: list[tuple[str, list[int] | None]],
                            shards: int = 2) -> Path:
     folder = root / name
@@ -129,7 +120,7 @@ def _classification_folder(root: Path, name: str, rows: list[tuple[str, list[int
             sample["npy"] = _npy(meta)
         samples.append(sample)
     for s in range(shards):
-        _write_tar(folder / "test" / f"{s}.tar", samples[s::shards])
+        _write_shard(folder / "test" / f"{s}.tar", samples[s::shards])
     (folder / "test" / "nshards.txt").write_text(f"{shards}\n")
     (folder / "classnames.txt").write_text("\n".join(names) + "\n")
     (folder / "zeroshot_classification_templates.txt").write_text(
@@ -155,7 +146,7 @@ def wds_root(tmp_path_factory) -> Path:
     flickr = root / "wds_flickr30k"
     samples = [{"png": _png(rgb, i), "txt": f"a {name} square\na {name} picture".encode()}
                for i, (name, rgb) in enumerate(COLOURS.items())]
-    _write_tar(flickr / "test" / "0.tar", samples)
+    _write_shard(flickr / "test" / "0.tar", samples)
     (flickr / "test" / "nshards.txt").write_text("1")
     (flickr / "dataset_type.txt").write_text("retrieval\n")
     return root
@@ -310,7 +301,7 @@ def test_bad_layouts_are_one_line(tmp_path, run_cli):
         locate(root, SELECTIONS["datacomp"])
 
     flickr = root / "wds_flickr30k" / "test"
-    _write_tar(flickr / "0.tar", [{"png": _png((1, 2, 3), 0), "txt": b"x"}])
+    _write_shard(flickr / "0.tar", [{"png": _png((1, 2, 3), 0), "txt": b"x"}])
     (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
     with pytest.raises(UserError, match="dataset_type.txt is missing"):
         locate(root, SELECTIONS["datacomp"])
