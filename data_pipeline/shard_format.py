@@ -17,7 +17,10 @@ Bookkeeping keys of a raw sample:
 - ``__error__``: with a key, the sample is malformed (a duplicate member); with an empty key, the
   item is no sample but a record that the tar broke (truncated, unreadable, empty). It travels
   through the trainer's shuffle buffer like a sample, so that skip counts and shard judging
-  happen at the same stream position in an uninterrupted and in a resumed run.
+  happen at the same stream position in an uninterrupted and in a resumed run;
+- ``__unreadable__``: set (True) on such a record when the storage, not the tar, failed: a
+  remote object that kept failing to read after every retry (`data_pipeline.object_store`). The
+  rest of that shard is skipped and counted, but the shard is not judged a wrong dataset.
 
 Tar parsing is sequential (so pipes and object storage work): ours for plain tars
 (`data_pipeline.tar_stream`, for speed and to catch tars cut off at a header), Python's tarfile
@@ -37,6 +40,7 @@ from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from data_pipeline.object_store import ReadRetry, ShardUnreadable, is_remote, open_remote
 from data_pipeline.tar_stream import read_members
 
 RawSample = dict[str, Any]
@@ -59,10 +63,15 @@ def is_url(spec: str) -> bool:
     return "://" in spec
 
 
-def open_binary(url: str) -> BinaryIO:
-    """A local path, an fsspec URL (s3://, file://, ...) or a `pipe:` command, opened for reading."""
+def open_binary(url: str, retry: ReadRetry | None = None) -> BinaryIO:
+    """A local path, an fsspec URL (s3://, file://, ...) or a `pipe:` command, opened for reading.
+
+    Remote URLs are read natively with retries that resume mid-object
+    (`data_pipeline.object_store`; `retry`: how patiently, default `ReadRetry()`)."""
     if url.startswith("pipe:"):
         return gopen(url, "rb")
+    if is_remote(url):
+        return open_remote(url, retry)
     if is_url(url):
         return fsspec.open(url, "rb").open()
     return open(url, "rb")
@@ -173,11 +182,12 @@ def _group_members(members: Iterable[tuple[str, bytes]]) -> Iterator[RawSample]:
         yield current
 
 
-def _shard_items(url: str) -> Iterator[RawSample]:
+def _shard_items(url: str, retry: ReadRetry | None) -> Iterator[RawSample]:
     try:
-        stream = open_binary(url)
+        stream = open_binary(url, retry)
     except Exception as exn:  # noqa: BLE001 - any failure to open is reported as a broken shard
-        yield {"__key__": "", "__error__": f"cannot open shard: {exn!r}"}
+        yield {"__key__": "", "__error__": f"cannot open shard: {exn!r}",
+               **({"__unreadable__": True} if isinstance(exn, ShardUnreadable) else {})}
         return
     errors: list[Exception] = []
     try:
@@ -185,16 +195,21 @@ def _shard_items(url: str) -> Iterator[RawSample]:
     finally:
         _close_quietly(stream)
     if errors:
-        yield {"__key__": "", "__error__": f"unreadable tar ({type(errors[0]).__name__}: {errors[0]})"}
+        record = {"__key__": "", "__error__": f"unreadable tar ({type(errors[0]).__name__}: {errors[0]})"}
+        if isinstance(errors[0], ShardUnreadable):
+            record["__unreadable__"] = True
+        yield record
 
 
-def read_shard(url: str, visit: int = 0) -> Iterator[RawSample]:
+def read_shard(url: str, visit: int = 0, retry: ReadRetry | None = None) -> Iterator[RawSample]:
     """All items of one shard reading, never raising: a broken tar ends with an __error__ item,
     an empty or unreadable one gives a single __error__ item. The last item carries
-    ``__visit_total__`` (one-item lookahead) so consumers know when the reading is complete."""
+    ``__visit_total__`` (one-item lookahead) so consumers know when the reading is complete.
+    retry: for remote shards, how failed reads are retried before the rest of the shard is
+    given up (`data_pipeline.object_store.ReadRetry`; its defaults when None)."""
     previous: RawSample | None = None
     total = 0
-    for item in _shard_items(url):
+    for item in _shard_items(url, retry):
         item["__url__"], item["__visit__"] = url, visit
         total += 1
         if previous is not None:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from data_pipeline.object_store import ReadRetry
 from training.data.sources import SOURCE_SEPARATOR
 
 
@@ -43,6 +44,11 @@ class DataConfig:
         the GPU: training.data.device_augment). Same random draws either way.
     keep_list: a keep_list.parquet from `python -m data_pipeline.curate`: only its kept pairs
         of train_shards are used (training.data.keep_list), without copying the shards.
+    read_retries, read_backoff_s, read_timeout_s, read_block_size: remote shards (s3://, gs://,
+        ...): a failed read is retried from the byte where it stopped, `read_retries` times in a
+        row with waits doubling from `read_backoff_s`, then the rest of that shard is skipped and
+        counted (data_pipeline.object_store.ReadRetry); a read stalled `read_timeout_s` fails;
+        `read_block_size` bytes per ranged GET (None: the filesystem's default).
     """
 
     train_shards: str
@@ -61,6 +67,10 @@ class DataConfig:
     random_erasing: float = 0.0
     augment_on: str = "workers"
     keep_list: str | None = None
+    read_retries: int = 5
+    read_backoff_s: float = 1.0
+    read_timeout_s: float = 60.0
+    read_block_size: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +108,7 @@ class DataConfig:
         if self.keep_list is not None and not os.path.isfile(self.keep_list):
             raise ValueError(f"keep_list {self.keep_list}: no such file (write one with "
                              "python -m data_pipeline.curate)")
+        self.read_retry()  # validates the read_* fields
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, "
                              f"got {self.augment_on!r}")
@@ -111,8 +122,17 @@ class DataConfig:
         fields.pop("augment_on")
         if not self.color_mix:  # added later: checkpoints from before it still resume
             fields.pop("color_mix")
+        # How patiently storage is read decides no sample order (a retried read delivers the
+        # same bytes), and a resumed run may well need more patience than the first.
+        for name in ("read_retries", "read_backoff_s", "read_timeout_s", "read_block_size"):
+            fields.pop(name)
         fields["scale"] = list(self.scale)
         return fields
+
+    def read_retry(self) -> ReadRetry:
+        return ReadRetry(retries=self.read_retries, backoff_s=self.read_backoff_s,
+                         max_backoff_s=max(30.0, self.read_backoff_s),
+                         timeout_s=self.read_timeout_s, block_size=self.read_block_size)
 
     def augment(self) -> AugmentConfig:
         return AugmentConfig(self.image_size, self.scale, self.hflip, self.color_jitter,

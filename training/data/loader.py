@@ -22,6 +22,7 @@ for logging and schedules.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.object_store import READ_STATS
 from data_pipeline.shard_format import BadSample, read_shard
 from training.data.config import AugmentConfig, DataConfig, DataError
 from training.data.decode import ShardJudge, StageTimes, collate, decode_sample
@@ -115,6 +117,7 @@ class TrainStream(IterableDataset):
         token_lists: list[Sequence[int]] = []
         keys: list[str] = []
         times, started = StageTimes(), time.perf_counter()
+        storage_before = READ_STATS.snapshot()  # this process's retries and given-up shards
         while True:
             read_from = time.perf_counter()
             item = next(raw, None)
@@ -135,7 +138,10 @@ class TrainStream(IterableDataset):
                 if skipped <= _SKIPS_LOGGED_PER_WORKER:
                     logger.warning("skipping sample %r of %s: %s", item.get("__key__"),
                                    item.get("__url__"), skip)
-                error = judge.record(item, usable=False, reason=str(skip))
+                # A shard the store would not deliver (object_store gave up on it) says nothing
+                # about the dataset: skipped and counted, never judged (which could stop the run).
+                usable = None if item.get("__unreadable__") else False
+                error = judge.record(item, usable=usable, reason=str(skip))
                 if error:
                     raise DataError(error)
                 continue
@@ -147,8 +153,12 @@ class TrainStream(IterableDataset):
                 batch = collate(images, token_lists, self.pad_id)
                 if "augment_params" in batch:  # data.augment_on=device: resized there
                     batch["augment_size"] = cfg.image_size
+                storage_now = READ_STATS.snapshot()
                 batch.update(keys=keys, __role__=role, __consumed__=consumed, __skipped__=skipped,
-                             __times__=[*times.as_list(), time.perf_counter() - started])
+                             __times__=[*times.as_list(), time.perf_counter() - started],
+                             __storage__=[now - before for now, before
+                                          in zip(storage_now, storage_before)])
+                storage_before = storage_now
                 yield batch
                 images, token_lists, keys = [], [], []
                 # The time spent blocked on the queue (inside yield) is not the worker's work.
@@ -196,7 +206,7 @@ class TrainLoader:
             sources = expand_sources(cfg.train_shards)
         except (ValueError, OSError) as exn:
             raise DataError(f"train_shards: {exn}") from None
-        read: Any = read_shard
+        read: Any = functools.partial(read_shard, retry=cfg.read_retry())
         if cfg.keep_list is not None:
             try:
                 read = KeptShards(cfg.keep_list)
@@ -241,6 +251,9 @@ class TrainLoader:
         )
         self._iterator: Iterator[dict[str, Any]] | None = None
         self._telemetry = LoaderTelemetry()
+        # Storage events behind the batches handed out (object_store.READ_STATS of the workers):
+        # reads retried, and shards whose rest was skipped after every retry failed.
+        self.read_retries = self.shards_given_up = 0
         track_for_exit(self)
 
     def _resume_from(self, states: list[dict[str, Any]]) -> None:
@@ -295,6 +308,10 @@ class TrainLoader:
         progress.skipped[role] = batch.pop("__skipped__")
         progress.batches_yielded += 1
         self._telemetry.add_batch(batch["text"].shape[0], batch.pop("__times__"))
+        retries, gave_up = batch.pop("__storage__")
+        self._telemetry.add_storage(retries, gave_up)
+        self.read_retries += retries
+        self.shards_given_up += gave_up
         return batch
 
     def telemetry(self) -> dict[str, float]:

@@ -21,6 +21,8 @@ class LoaderTelemetry:
     stage_s: list[float] = field(default_factory=lambda: [0.0] * len(STAGES))
     depth_sum: int = 0
     depth_readings: int = 0
+    read_retries: int = 0  # remote reads retried (data_pipeline.object_store)
+    shards_given_up: int = 0  # remote shards whose rest was skipped after every retry failed
 
     def add_batch(self, samples: int, times: list[float]) -> None:
         """times: the worker's seconds per stage (STAGES order), then its busy seconds."""
@@ -28,6 +30,10 @@ class LoaderTelemetry:
         for index, seconds in enumerate(times[:len(STAGES)]):
             self.stage_s[index] += seconds
         self.busy_s += times[len(STAGES)]
+
+    def add_storage(self, retries: int, gave_up: int) -> None:
+        self.read_retries += retries
+        self.shards_given_up += gave_up
 
     def add_depth(self, ready_batches: int | None) -> None:
         if ready_batches is not None:
@@ -43,6 +49,10 @@ class LoaderTelemetry:
             out[f"data_{name}_frac"] = seconds / self.busy_s
         if self.depth_readings:
             out["data_queue_depth"] = self.depth_sum / self.depth_readings
+        # Counts in the window, only once storage has misbehaved (local shards never do).
+        if self.read_retries or self.shards_given_up:
+            out["data_read_retries"] = self.read_retries
+            out["data_shards_given_up"] = self.shards_given_up
         return out
 
 
