@@ -13,10 +13,12 @@ Reruns: OUTPUT must be new, empty, or (with --incremental) hold shards of the sa
 --incremental downloads only unfinished shards and returns at once when all are done. A folder
 holding anything else is refused and never modified.
 
-Distributed downloads: `--distributor pyspark` hands shards to Spark tasks (pip install pyspark).
-It joins the active SparkSession when one exists (spark-submit on a cluster), otherwise starts
-local[PROCESSES]. On a cluster, --url-list and --output must be paths every executor can reach
-(fsspec URLs such as s3://bucket/pairs/ and s3://bucket/shards).
+Distributed downloads: `--distributor pyspark` hands shards to Spark tasks (pip install
+'clipstream[spark]', Java 17+). --spark-master spark://host:7077 (yarn, k8s://..., local[N]) runs
+them on that cluster, sized by --spark-executor-memory/-cores and --spark-cores-max; without it
+the master spark-submit set, an active SparkSession, or local[PROCESSES]. On a cluster,
+--url-list and --output must be paths every executor can reach (a shared filesystem, or fsspec
+URLs such as s3://bucket/pairs/ and s3://bucket/shards).
 
 Exit status: 0 done, 2 bad input or nothing downloaded (one `error:` line), 130 interrupted.
 """
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 from typing import Sequence
 
 from data_pipeline.demo_build import build_demo
 from data_pipeline.demo_corpus import DemoConfig
 from data_pipeline.errors import UserError, run_main
 from data_pipeline.shard_build import build_shards
+from data_pipeline.spark_session import SparkConfig, spark_session
 from data_pipeline.shard_config import (
     DISTRIBUTORS,
     INPUT_FORMATS,
@@ -165,7 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--wandb-project", default=ShardConfig.wandb_project, help="W&B project (default: %(default)s)"
     )
+    spark = parser.add_argument_group("Spark (only with --distributor pyspark)")
+    spark.add_argument(
+        "--spark-master", metavar="URL",
+        help="spark://host:7077, yarn, k8s://..., local[N] (default: spark-submit's, else local[PROCESSES])",
+    )
+    spark.add_argument("--spark-executor-memory", metavar="SIZE", help="per executor, e.g. 4g")
+    spark.add_argument("--spark-executor-cores", type=int, metavar="N", help="cores per executor")
+    spark.add_argument(
+        "--spark-cores-max", type=int, metavar="N",
+        help="cores this run takes from a standalone cluster (default: all free ones)",
+    )
     return parser
+
+
+def spark_config_from_args(args: argparse.Namespace) -> SparkConfig:
+    spark = SparkConfig(
+        master=args.spark_master,
+        executor_memory=args.spark_executor_memory,
+        executor_cores=args.spark_executor_cores,
+        cores_max=args.spark_cores_max,
+    )
+    if args.distributor != "pyspark" and not spark.is_default():
+        raise UserError("the --spark-* options need --distributor pyspark")
+    return spark
 
 
 def config_from_args(args: argparse.Namespace) -> ShardConfig:
@@ -202,13 +229,16 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    if config.url_list is None:
-        build_demo(
-            DemoConfig(num_samples=args.num_samples, seed=args.seed, render_size=args.render_size,
-                       noise=args.noise, texture=args.texture or None), config
-        )
-    else:
-        build_shards(config, config.url_list)
+    spark = spark_config_from_args(args)
+    # One session around every split (the demo has three): img2dataset joins the active one.
+    with spark_session(spark, config.processes) if config.distributor == "pyspark" else nullcontext():
+        if config.url_list is None:
+            build_demo(
+                DemoConfig(num_samples=args.num_samples, seed=args.seed, render_size=args.render_size,
+                           noise=args.noise, texture=args.texture or None), config
+            )
+        else:
+            build_shards(config, config.url_list)
     return 0
 
 
