@@ -43,11 +43,11 @@ def model_flops(args: argparse.Namespace) -> dict:
     import dataclasses
 
     from training.model import build_model
-    from training.model.configs import MODEL_CONFIGS, with_tokenizer
+    from training.model.configs import with_tokenizer
     from training.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
-    cfg = with_tokenizer(MODEL_CONFIGS[args.model](), tokenizer)
+    cfg = with_tokenizer(train_throughput.model_config(args.model), tokenizer)
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=args.image_size))
     lengths = caption_lengths(args.shards, Path(args.tokenizer))
     flops = train_flops_per_sample(build_model(cfg), cfg, lengths, args.batch)

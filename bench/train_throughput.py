@@ -2,7 +2,9 @@
 
     .venv/bin/python -m bench.train_throughput [--steps 32 --warmup 8] [--device cuda --model vit_b16]
 
-Both run as real subprocesses on the same JPEG shards with the same model size (ViT-S/32 towers),
+Both run as real subprocesses on the same JPEG shards with the same architecture: ours is built
+from OpenCLIP's own model-config JSON (`model.openclip_config`, e.g. its ViT-S-32.json), so the two
+trainers build the same towers (and our checkpoint exports to OpenCLIP for the eval bench), same
 batch, learning-rate schedule (linear warm-up then cosine), AdamW betas/eps/weight decay, bf16
 autocast and dataloader worker count, one right after the other. Samples/s counts only the steps
 after `--warmup` (first-step allocation, oneDNN kernel selection, worker start-up), from each
@@ -27,6 +29,33 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "bench_vit_s32.toml"
 # Our model name -> OpenCLIP's name for the same tower sizes.
 OPENCLIP_NAMES = {"vit_s32": "ViT-S-32", "vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16"}
+
+
+def openclip_config_file(model: str) -> Path:
+    """OpenCLIP's model-config JSON for `model`, as the installed open_clip ships it."""
+    import open_clip
+
+    return Path(open_clip.__file__).parent / "model_configs" / f"{OPENCLIP_NAMES[model]}.json"
+
+
+def model_override(model: str) -> str:
+    """How our trainer is told the architecture: OpenCLIP's own JSON where OpenCLIP has the
+    model (the same towers in both trainers, and a checkpoint that exports to OpenCLIP), else our
+    preset (the GPU check's dry run trains the small `tiny`, which OpenCLIP has no twin of)."""
+    if model in OPENCLIP_NAMES:
+        return f"model.openclip_config={openclip_config_file(model)}"
+    return f"model.name={model}"
+
+
+def model_config(model: str):
+    """The ClipModelConfig that `model_override(model)` makes our trainer build."""
+    from training.model.configs import MODEL_CONFIGS
+    from training.model.openclip_json import from_openclip_config, read_openclip_config
+
+    if model not in OPENCLIP_NAMES:
+        return MODEL_CONFIGS[model]()
+    path = str(openclip_config_file(model))
+    return from_openclip_config(read_openclip_config(path), path)
 _OPENCLIP_STEP = re.compile(r"Batch \(t\): ([0-9.]+).*?Loss: ([0-9.]+) \(")
 
 
@@ -61,7 +90,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, overrides: tuple[str, ...]
         sys.executable, "-m", "training.main", "--config", str(CONFIG),
         f"data.train_shards={args.shards}", f"data.num_samples={args.steps * args.batch}",
         f"data.batch_size={args.batch}", f"data.workers={args.workers}",
-        f"model.name={args.model}", f"data.image_size={args.image_size}",
+        model_override(args.model), f"data.image_size={args.image_size}",
         f"train.steps={args.steps}", f"train.run_dir={run_dir}", f"engine.device={args.device}",
         f"optim.lr={args.lr}", f"optim.warmup_steps={args.lr_warmup}", "log.every=1",
         "log.progress_bar=false", f"engine.precision={args.precision_name}", *overrides,
