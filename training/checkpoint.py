@@ -2,7 +2,9 @@
 
 Layout: `RUN_DIR/checkpoints/step_00001000.pt`, one file per saved step, written to a temporary
 file in the same folder and renamed into place, so a crash mid-write never leaves a truncated
-checkpoint under a real name. Only the newest `keep` are kept.
+checkpoint under a real name. Only the newest `keep` are kept. The fsdp2 engine writes sharded
+checkpoints instead, folders `step_00001000.dcp/` (training/parallel/dcp_checkpoint.py), listed
+here with `sharded=True`; `python -m training.convert_checkpoint` turns one into this format.
 
 Format (a dict that loads with `torch.load(path, weights_only=True)`: tensors and plain Python
 data only):
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,25 +39,39 @@ import torch
 from data_pipeline.errors import UserError
 
 FORMAT_VERSION = 1
+SHARDED_SUFFIX = ".dcp"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+_SHARDED_NAME = re.compile(r"^step_(\d{8})\.dcp$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first (temporary files are never listed)."""
+def list_checkpoints(run_dir: str | Path, sharded: bool = False) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temporary files and folders are never
+    listed). Single files only, unless `sharded`: then sharded folders too, a folder after a file
+    of the same step (a file converted from it), so a resume picks the folder."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), 0, p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    if sharded:
+        found += [(int(m.group(1)), 1, p) for p in folder.iterdir()
+                  if (m := _SHARDED_NAME.match(p.name)) and p.is_dir()]
+    return [p for _, _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
+def latest_checkpoint(run_dir: str | Path, sharded: bool = False) -> Path | None:
+    found = list_checkpoints(run_dir, sharded)
     return found[-1] if found else None
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -64,7 +81,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     state = {"format_version": FORMAT_VERSION, "step": step, **state}
     # A writer killed mid-write (kill -9, node loss) leaves its temporary file behind; only one
     # process (rank 0) ever writes here, so any that remain are stale.
-    for stale in folder.glob(".tmp_*"):
+    for stale in folder.glob(".tmp_*.pt"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
     try:
@@ -87,7 +104,12 @@ class CheckpointError(UserError):
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Our checkpoint at `path`, loaded with weights_only=True: a file holding code (a pickled
-    object) is refused, never run. Truncated, garbled or foreign files raise CheckpointError."""
+    object) is refused, never run. Truncated, garbled or foreign files raise CheckpointError.
+    A sharded folder (step_N.dcp) is read whole into the same format."""
+    if Path(path).is_dir() and Path(path).suffix == SHARDED_SUFFIX:
+        from training.parallel.dcp_checkpoint import read_full  # lazy: parallel/ imports this module
+
+        return read_full(Path(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

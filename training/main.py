@@ -74,13 +74,14 @@ def resolve_resume(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
     """The checkpoint this run continues from, or None for a fresh start. A run folder that
     already holds checkpoints is never trained over without checkpoint.resume."""
     if cfg.resume == "latest":
-        return ckpt.latest_checkpoint(run_dir)  # none yet: a fresh start, by design
+        # Single files or sharded folders (engine.name=fsdp2), whichever is newest.
+        return ckpt.latest_checkpoint(run_dir, sharded=True)  # none yet: a fresh start, by design
     if cfg.resume:
         path = Path(cfg.resume)
-        if not path.is_file():
+        if not (path.is_file() or (path.is_dir() and path.suffix == ckpt.SHARDED_SUFFIX)):
             raise UserError(f"checkpoint.resume: no checkpoint at {path}")
         return path
-    if ckpt.latest_checkpoint(run_dir) is not None:
+    if ckpt.latest_checkpoint(run_dir, sharded=True) is not None:
         raise UserError(
             f"{run_dir} already holds checkpoints; pass checkpoint.resume=latest to continue it "
             f"or choose another train.run_dir (nothing is overwritten)"
@@ -108,6 +109,9 @@ MakeZeroShot = Callable[[str, int, torch.device], ZeroShotHook]
 def run(cfg: RunConfig, make_zero_shot: MakeZeroShot | None = None) -> Progress:
     env = setup_distributed(cfg.engine.device)
     try:
+        if cfg.zeroshot.every and cfg.engine.name == "fsdp2" and env.world_size > 1:
+            raise UserError("zeroshot.every runs the model on rank 0 alone, and engine.name=fsdp2 "
+                            "shards it over every rank; evaluate its checkpoints with eval.run")
         if cfg.data.augment_on == "device" and env.device.type != "cuda":
             raise UserError(
                 f"data.augment_on=device moves the resize and augmentation onto the GPU, and "

@@ -204,6 +204,14 @@ def count_step(progress: Progress, result: StepResult, global_batch: int, max_no
         )
 
 
+def logged_logit_scale(engine) -> float:
+    """exp(logit_scale) as the loss uses it. An engine that shards parameters (fsdp2) gathers
+    it (every rank logs at the same steps, so every rank takes part)."""
+    full = getattr(engine, "logit_scale", None)
+    value = full() if full is not None else engine.module.logit_scale
+    return value.float().exp().clamp(max=100).item()
+
+
 def periodic_checkpoint_due(step: int, total_steps: int, every: int) -> bool:
     """A checkpoint on the way is due every `every` steps; the last step saves on the way out."""
     return bool(every) and step % every == 0 and step < total_steps
@@ -273,7 +281,7 @@ def train(
             log.advance()
 
             if progress.step % log_every == 0 or progress.step == total_steps:
-                scale = engine.module.logit_scale.float().exp().clamp(max=100).item()
+                scale = logged_logit_scale(engine)
                 metrics = window.record(
                     result=result, lr=lr, logit_scale=scale, global_batch=global_batch,
                     world_size=env.world_size, progress=progress,
@@ -307,6 +315,11 @@ def train(
                 save()
         if progress.step > first_step:  # a finished run that is resumed saves nothing new
             save()
+        wait_for_checkpoint = getattr(engine, "wait_for_checkpoint", None)
+        if wait_for_checkpoint is not None:
+            # An engine that writes in the background (fsdp2): the run, and a stop signal's
+            # grace period, end only once the last checkpoint is complete and in place.
+            wait_for_checkpoint()
     finally:
         stop.restore()
     if progress.step >= total_steps and env.is_main:

@@ -1,10 +1,12 @@
-"""The one place that decides how the model is run: plain/DDP with torch autocast, or DeepSpeed.
+"""The one place that decides how the model is run: plain/DDP with torch autocast, DeepSpeed, or
+FSDP2.
 
 The training loop talks to an engine through six calls (zero_grad, accumulate, forward,
 backward, finish_step, and checkpoint save/load); the model and the loss never know which engine
 runs them.
 
-Engines live in ddp_engine.py and deepspeed_engine.py; this module holds their shared config.
+Engines live in ddp_engine.py, deepspeed_engine.py and fsdp2_engine.py; this module holds their
+shared config.
 
 - `ddp`: one process, or DistributedDataParallel under torchrun/SLURM. Precision comes from
   training.parallel.precision (autocast + a GradScaler for fp16). Checkpoints are our single-file format.
@@ -12,6 +14,10 @@ Engines live in ddp_engine.py and deepspeed_engine.py; this module holds their s
   accumulation and clipping, and its own (sharded) checkpoints under RUN_DIR/deepspeed/. Beside
   each, rank 0 writes a model-only file in our format to RUN_DIR/checkpoints/, so eval jobs and
   `checkpoint.resume=latest` find every run's checkpoints the same way.
+- `fsdp2`: torch's fully_shard per transformer block and on the root, bf16/fp32 through its
+  mixed-precision policy, and sharded checkpoints written in the background with
+  torch.distributed.checkpoint (RUN_DIR/checkpoints/step_N.dcp/), which resume on any world size
+  and convert to the single-file format (`python -m training.convert_checkpoint`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from data_pipeline.errors import UserError
 
 from training.parallel.ddp_engine import DDPEngine
 from training.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config
+from training.parallel.fsdp2_engine import FSDP2Engine
 from training.parallel.precision import Precision, PrecisionName
 from training.parallel.process_group import Distributed
 
@@ -34,7 +41,7 @@ from training.parallel.process_group import Distributed
 class EngineConfig:
     """How the model is run: the `[engine]` section of a run."""
 
-    name: Literal["ddp", "deepspeed"] = "ddp"
+    name: Literal["ddp", "deepspeed", "fsdp2"] = "ddp"
     precision: PrecisionName = "auto"  # chosen from the hardware: see parallel/precision.py
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
@@ -59,7 +66,7 @@ class EngineConfig:
             raise ValueError("engine.deepspeed_config is only used with engine.name=deepspeed")
         if self.compile and self.name == "deepspeed":
             raise ValueError("engine.compile is not supported with engine.name=deepspeed; use ddp")
-        if self.memory_format == "channels_last" and self.name == "deepspeed":
+        if self.memory_format == "channels_last" and self.name != "ddp":
             # ZeRO flattens parameters into contiguous buffers, which would undo the layout.
             raise ValueError("engine.memory_format=channels_last is only supported with "
                              "engine.name=ddp")
@@ -86,6 +93,8 @@ def build_engine(
     if cfg.name == "ddp":
         precision = Precision(cfg.precision, env.device.type)
         return DDPEngine(model, optimizer, precision, env, grad_clip, cfg.compile)
+    if cfg.name == "fsdp2":
+        return FSDP2Engine(model, optimizer, cfg.precision, env, grad_clip, cfg.compile)
     if cfg.precision == "fp16" and env.device.type == "cpu":
         raise UserError(
             "engine.precision=fp16: DeepSpeed's CPU accelerator has no fp16; use "
