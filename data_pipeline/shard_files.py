@@ -24,6 +24,14 @@ LOG_FILE = "img2dataset.log"
 OUR_FILES = frozenset({SIZES_FILE, MANIFEST_FILE, LOG_FILE, "_tmp"})
 
 
+def _fresh(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The folder's filesystem and path, with any listing it cached dropped: object-store
+    filesystems (s3fs) cache listings, and img2dataset's processes write past that cache."""
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def _names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
 
@@ -33,7 +41,7 @@ def check_output_folder(output: str, incremental: bool, entries: frozenset[str] 
 
     By default the folder must be a shard folder; `entries` instead names everything that may
     be in it (the demo root: its split folders and corpus.json, and no loose shards)."""
-    fs, path = fsspec.core.url_to_fs(output)
+    fs, path = _fresh(output)
     if not fs.exists(path):
         return False
     if not fs.isdir(path):
@@ -64,7 +72,7 @@ def shard_name(shard_id: int) -> str:
 
 def finished_shard_ids(output: str) -> set[int]:
     """Shards img2dataset completed: it writes N_stats.json only after closing N.tar."""
-    fs, path = fsspec.core.url_to_fs(output)
+    fs, path = _fresh(output)
     if not fs.exists(path):
         return set()
     return {
@@ -74,5 +82,5 @@ def finished_shard_ids(output: str) -> set[int]:
 
 def shard_tars(output: str) -> list[str]:
     """Names of the shard tars in a folder, in shard order."""
-    fs, path = fsspec.core.url_to_fs(output)
+    fs, path = _fresh(output)
     return sorted((n for n in _names(fs, path) if SHARD_TAR.match(n)), key=lambda n: int(n.split(".")[0]))

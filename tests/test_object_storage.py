@@ -192,6 +192,7 @@ def _shard_args(url_list: Path, output: str, *extra: str) -> list[str]:
             "--image-size", "32", "--processes", "1", "--threads", "4", "--timeout", "5", *extra]
 
 
+@pytest.mark.slow  # two img2dataset runs (~60 s on 2 cores, mostly its workers' start-up)
 @pytest.mark.timeout(400)
 def test_img2dataset_shards_into_a_bucket_and_reruns_incrementally(store, proxy, tmp_path, run_cli):
     from data_pipeline.loopback_server import serve_folder
