@@ -4,8 +4,8 @@
 this process, on an ephemeral loopback port. `FlakyProxy`: an HTTP proxy on 127.0.0.1 that
 passes requests to it and, for the objects it is told to, answers a GET with the response
 headers and the first `cut_after` bytes of the body and then resets the connection (a
-connection reset mid-object), or stops sending (a stalled read), either for the first `times`
-GETs of that object or for every one. It records each GET's object and Range header, so a test
+connection reset mid-object), or stops sending (a stalled read), or answers 503 SlowDown,
+either for the first `times` GETs of that object or for every one. It records each GET's object and Range header, so a test
 can count the attempts and see where a retry resumed.
 """
 
@@ -48,7 +48,8 @@ def moto_s3() -> Iterator[str]:
 
 @dataclass
 class Fault:
-    """Break GETs of one object: after `cut_after` body bytes, `mode` "reset" or "stall";
+    """Break GETs of one object: after `cut_after` body bytes, `mode` "reset" or "stall"
+    (or "503": answer 503 SlowDown instead);
     the first `after_gets` GETs pass, then `times` of them break (None: all the rest).
     `at_byte`: only GETs whose range holds this byte (so that every reading of the object
     breaks at the same place, however often it is read)."""
@@ -137,6 +138,16 @@ class FlakyProxy:
                     upstream.close()
                 path = self.path.split("?", 1)[0]
                 fault = proxy._fault_for(self.command, path, self.headers.get("Range"))
+                if fault is not None and fault.mode == "503":
+                    # What S3 answers when it sheds load.
+                    error = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                             b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response_only(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
                 self.send_response_only(response.status, response.reason)
                 # A HEAD's Content-Length is the object's size: passed on as it is.
                 dropped = ("transfer-encoding", "connection") + (

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]')")
 pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
 
+from data_pipeline.curate.scan import scan_rows  # noqa: E402
 from data_pipeline.object_store import READ_STATS, ReadRetry  # noqa: E402
 from data_pipeline.shard_format import read_shard  # noqa: E402
 from eval.shard_images import ShardImages, shard_urls  # noqa: E402
@@ -87,6 +88,9 @@ def test_s3_shards_list_size_and_read_like_local_ones(store, proxy, tmp_path):
     # eval's reader (search and the eval suites read shards through it): same keys, same order.
     images = ShardImages(shard_urls(remote, "test"), 16, lambda raw: raw["__key__"])
     assert [key for _, key in images] == [f"a{s:03d}{i:03d}" for s in range(3) for i in range(5)]
+    # curation's scan of a pool shard
+    rows, unreadable, damaged = scan_rows(urls[0])
+    assert list(rows["key"]) == [f"a000{i:03d}" for i in range(5)] and (unreadable, damaged) == (0, None)
 
 
 def test_missing_object_is_reported_at_once_not_retried(store, proxy):
@@ -135,15 +139,17 @@ def test_reset_reads_resume_mid_object_and_a_dead_shard_is_skipped_and_counted(
     loader.close()
 
 
-def test_a_stalled_read_times_out_and_is_retried(store, proxy, tmp_path):
+@pytest.mark.parametrize("mode", ["stall", "503"])
+def test_a_stalled_read_or_a_503_is_retried(store, proxy, tmp_path, mode):
     local = tmp_path / "local"
     local.mkdir()
     write_tar(local / "00000.tar", [sample(f"k{i}", f"c {i}") for i in range(6)])
-    remote = upload(store["fs"], local, "stall")
-    proxy.faults[f"/{BUCKET}/stall/00000.tar"] = Fault(cut_after=500, mode="stall", times=1)
+    remote = upload(store["fs"], local, mode)
+    proxy.faults[f"/{BUCKET}/{mode}/00000.tar"] = Fault(cut_after=500, mode=mode, times=1)
     retries = READ_STATS.retries
     started = time.monotonic()
     items = list(read_shard(f"{remote}/00000.tar", retry=ReadRetry(timeout_s=1, backoff_s=0.01)))
+    assert proxy.broken[f"/{BUCKET}/{mode}/00000.tar"] == 1
     assert [item["__key__"] for item in items] == [f"k{i}" for i in range(6)]
     assert READ_STATS.retries == retries + 1
     assert time.monotonic() - started < 20  # one timeout, not a hang
