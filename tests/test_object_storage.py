@@ -247,3 +247,34 @@ def test_img2dataset_shards_into_a_bucket_and_reruns_incrementally(store, proxy,
     assert sorted(c for b in take(loader, 4) for c in captions(b)) == sorted(
         f"swatch {i}" for i in range(28))
     loader.close()
+
+
+@pytest.mark.slow  # a tokenizer and a 6-step training run in subprocesses (~40-70 s on 2 cores)
+@pytest.mark.timeout(300)
+def test_a_training_run_on_flaky_s3_logs_its_retries_into_metrics_jsonl(store, proxy, tmp_path):
+    from trainer_cli import run
+
+    local = write_source(tmp_path / "local", shards=4, per_shard=16, prefix="t")
+    tokenizer = tmp_path / "tokenizer.json"
+    made = run("training.text.tokenizer", "--shards", str(local), "--vocab-size", "300",
+               "--out", str(tokenizer))
+    assert made.returncode == 0, made.stderr[-2000:]
+    remote = upload(store["fs"], local, "train")
+    for shard in range(4):  # each shard's second GET is reset once
+        proxy.faults[f"/{BUCKET}/train/{shard:05d}.tar"] = Fault(cut_after=600, after_gets=1, times=1)
+    run_dir = tmp_path / "run"
+    result = run("training.main", "--config", "configs/tiny_demo.toml",
+                 f"data.train_shards={remote}", f"tokenizer={tokenizer}", "data.image_size=32",
+                 "data.batch_size=16", "data.workers=1", "data.sample_shuffle_buffer=16",
+                 "data.read_block_size=4096", "data.read_backoff_s=0.01", "optim.warmup_steps=2",
+                 "train.steps=6", f"train.run_dir={run_dir}", "checkpoint.every=0", "log.every=1",
+                 "log.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 6
+    # The four first-epoch readings were each retried once; all of them fall in these 6 steps'
+    # batches (64 samples = the first 4 steps), none was given up.
+    assert sum(r.get("data_read_retries", 0) for r in steps) == 4
+    assert all(r.get("data_shards_given_up", 0) == 0 for r in steps)
+    assert all(proxy.broken[f"/{BUCKET}/train/{shard:05d}.tar"] == 1 for shard in range(4))
