@@ -63,6 +63,12 @@ class FSDP2Engine:
         group_names = [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         if optimizer.state:
             raise ValueError("the fsdp2 engine needs an optimizer that has not stepped yet")
+        if env.enabled:
+            # Ranks build their models from per-rank seeds; DDP starts everyone from rank 0's
+            # weights by broadcasting them, and so does this engine, before each rank keeps only
+            # its shard (all ranks, each tensor in and out whole).
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         dtype = torch.bfloat16 if precision == "bf16" else None
         # Outputs in fp32: the loss (similarities over the global batch) is computed in fp32,
