@@ -24,7 +24,9 @@ Bookkeeping keys of a raw sample:
 
 Tar parsing is sequential (so pipes and object storage work): ours for plain tars
 (`data_pipeline.tar_stream`, for speed and to catch tars cut off at a header), Python's tarfile
-for compressed ones; URL opening and key splitting are webdataset's (`gopen`, `base_plus_ext`).
+for compressed ones; remote URLs (s3://, gs://, ...) are read natively, with retries that resume
+mid-object (`data_pipeline.object_store`); `pipe:` opening and key splitting are webdataset's
+(`gopen`, `base_plus_ext`).
 The grouping is ours, to be independent of webdataset's 0.2.96 format change.
 """
 

@@ -93,6 +93,20 @@ def test_s3_shards_list_size_and_read_like_local_ones(store, proxy, tmp_path):
     assert list(rows["key"]) == [f"a000{i:03d}" for i in range(5)] and (unreadable, damaged) == (0, None)
 
 
+def test_read_options_are_checked_and_leave_the_resume_fingerprint_alone():
+    from training.data import DataConfig
+
+    with pytest.raises(ValueError, match="read retries must be >= 0"):
+        DataConfig(train_shards="s3://b/x", read_retries=-1)
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        DataConfig(train_shards="s3://b/x", read_timeout_s=0)
+    patient = DataConfig(train_shards="s3://b/x", read_retries=9, read_backoff_s=3)
+    assert patient.fingerprint() == DataConfig(train_shards="s3://b/x").fingerprint()
+    assert patient.read_retry() == ReadRetry(retries=9, backoff_s=3.0, timeout_s=60.0)
+    waits = [ReadRetry(backoff_s=1, max_backoff_s=5).delay(k) for k in (1, 2, 3, 4)]
+    assert 0.5 <= waits[0] <= 1 and 1 <= waits[1] <= 2 and 2 <= waits[2] <= 4 and 2.5 <= waits[3] <= 5
+
+
 def test_missing_object_is_reported_at_once_not_retried(store, proxy):
     retries = READ_STATS.retries
     items = list(read_shard(f"s3://{BUCKET}/nowhere/00000.tar", retry=ReadRetry(backoff_s=0.01)))
