@@ -11,6 +11,8 @@ Per task (eval.datacomp_tasks says which is which):
                     (region "Other" left out); Dollar Street acc_top5_wg (by income group);
                     GeoDE acc_wg (by region)
     retrieval       image/text recall@1/5/10 and mean_recall@1 (the mean of the two recall@1)
+    winogavil       Jaccard index of the chosen and the associated images (eval.winogavil; its
+                    copy is the Hugging Face Arrow file, not a webdataset)
 One result JSON per task (its main metric named in details), and a `<suite>.aggregate` result
 holding the aggregates, the tasks present and the ones missing. Missing tasks are listed, never
 fatal; a task folder with the wrong layout stops the run before any model loads, in one line.
@@ -38,23 +40,27 @@ from eval.retrieval import RetrievalSet, zeroshot_retrieval
 from eval.shard_images import ShardImages
 from eval.sharding import is_main
 from eval.wds_tasks import WdsFolder, find_task_folder, label_and_metadata, read_wds_folder
+from eval.winogavil import evaluate_winogavil, find_copy
 from training.model.trained import TrainedModel
 
 AGGREGATE_TASK = "aggregate"  # the result `<selection>.aggregate.json`
-# Tasks whose local copy this suite cannot read yet (WinoGAViL is a Hugging Face dataset of
-# cue/candidate-image sets, not a webdataset); they are listed as missing with this reason.
-UNREADABLE = {"winogavil": "no local reader yet"}
 
 
-def locate(root: Path, tasks: tuple[Task, ...]) -> tuple[list[tuple[Task, WdsFolder]], list[Task]]:
-    """(tasks found under root with their checked layout, tasks missing)."""
+def locate(root: Path, tasks: tuple[Task, ...]
+           ) -> tuple[list[tuple[Task, WdsFolder | list[Path]]], list[Task]]:
+    """(tasks found under root with their checked layout, tasks missing). A WinoGAViL copy
+    comes as its Arrow files, every other task as its webdataset folder."""
     if not root.is_dir():
         raise UserError(f"--wds-root {root}: no such folder (expected one folder per task in "
                         f"CLIP_benchmark's webdataset layout, e.g. {tasks[0].folder_names[0]}/)")
     found, missing = [], []
     for task in tasks:
+        if task.kind == "winogavil":
+            files = find_copy(root, task.folder_names)
+            found.append((task, files)) if files else missing.append(task)
+            continue
         folder = find_task_folder(root, task)
-        if folder is None or task.kind in UNREADABLE:
+        if folder is None:
             missing.append(task)
         else:
             found.append((task, read_wds_folder(folder, task.kind)))
@@ -217,8 +223,8 @@ def format_table(scored: list[tuple[Task, EvalResult]], summary: EvalResult,
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if missing:
-        lines.append(f"missing ({len(missing)} of {len(scored) + len(missing)}): " + ", ".join(
-            t.name + (f" [{UNREADABLE[t.kind]}]" if t.kind in UNREADABLE else "") for t in missing))
+        lines.append(f"missing ({len(missing)} of {len(scored) + len(missing)}): "
+                     + ", ".join(t.name for t in missing))
     return "\n".join(lines)
 
 
@@ -229,7 +235,10 @@ def run_selection(trained: TrainedModel, root: Path, selection: str,
         return []
     scored, classifiers = [], {}
     for task, wds in found:
-        if task.kind == "retrieval":
+        if task.kind == "winogavil":
+            scored.append((task, evaluate_winogavil(trained, wds, cfg, _dataset_name(task),
+                                                    task.main_metric, task.random_score)))
+        elif task.kind == "retrieval":
             scored.append((task, run_retrieval(trained, task, wds, cfg)))
         else:
             scored.append((task, run_classification(trained, task, wds, cfg, classifiers)))

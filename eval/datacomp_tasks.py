@@ -24,7 +24,7 @@ from dataclasses import dataclass
 #   classification  zero-shot top-1/top-5, mean per-class recall
 #   wilds           + metrics over the groups in each sample's .npy metadata
 #   retrieval       image<->text recall@k, mean of the two recall@1
-#   winogavil       association choice scored by Jaccard index (no local reader yet)
+#   winogavil       association choice scored by Jaccard index (eval.winogavil, from HF Arrow)
 KINDS = ("classification", "wilds", "retrieval", "winogavil")
 
 

@@ -31,7 +31,7 @@ DONE_FILE = "done.json"
 @dataclass
 class EvalResult:
     dataset: str
-    task: str  # "zeroshot_classification" | "zeroshot_retrieval" | "linear_probe"
+    task: str  # "zeroshot_classification", "zeroshot_retrieval", "zeroshot_association", "linear_probe", ...
     metrics: dict[str, float]
     chance: dict[str, float] = field(default_factory=dict)
     num_images: int = 0
