@@ -20,6 +20,10 @@ the master spark-submit set, an active SparkSession, or local[PROCESSES]. On a c
 --url-list and --output must be paths every executor can reach (a shared filesystem, or fsspec
 URLs such as s3://bucket/pairs/ and s3://bucket/shards).
 
+Object storage: --output s3://bucket/prefix writes shards, sizes.json and manifest.json into
+the bucket (img2dataset's log stays local, in the temp folder); for an S3-compatible store
+(MinIO, Ceph, ...) set AWS_ENDPOINT_URL, which img2dataset's worker processes honour too.
+
 Exit status: 0 done, 2 bad input or nothing downloaded (one `error:` line), 130 interrupted.
 """
 

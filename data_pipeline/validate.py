@@ -1,6 +1,6 @@
 """Check shard folders before training reads them (`make validate`).
 
-    python -m data_pipeline.validate DIR
+    python -m data_pipeline.validate DIR      (a folder, or a URL such as s3://bucket/shards)
 
 Opens every N.tar in DIR and checks that the tar is whole (not truncated), that every sample has
 an image that decodes and a non-empty UTF-8 caption (.txt) -- the trainer's own test of a usable
@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("dir", help="shard folder, or a demo corpus root holding train/ val/ heldout/")
+    parser.add_argument("dir", help="shard folder (or a URL: s3://bucket/shards), or a demo corpus "
+                                    "root holding train/ val/ heldout/")
     parser.add_argument("--all", action="store_true",
                         help=f"print every problem (default: the first {MAX_PRINTED_PROBLEMS} per "
                              "folder, shard-level ones first, then a count per kind)")
