@@ -32,6 +32,11 @@ def _fresh(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def _has_buckets(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"s3", "s3a", "gs", "gcs", "az", "abfs"} & set(protocols))
+
+
 def _names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
 
@@ -43,6 +48,12 @@ def check_output_folder(output: str, incremental: bool, entries: frozenset[str] 
     be in it (the demo root: its split folders and corpus.json, and no loose shards)."""
     fs, path = _fresh(output)
     if not fs.exists(path):
+        bucket = path.strip("/").split("/", 1)[0]
+        # Object stores have no folders to create, only buckets: img2dataset would fail in
+        # every worker, after the URL list is sharded, with a traceback per shard in its log.
+        if _has_buckets(fs) and not fs.exists(bucket):
+            raise UserError(f"--output {output}: no bucket {bucket!r} (or these credentials "
+                            "cannot see it); create it first")
         return False
     if not fs.isdir(path):
         raise UserError(f"--output {output} is a file, not a folder")

@@ -212,7 +212,7 @@ def _shard_args(url_list: Path, output: str, *extra: str) -> list[str]:
             "--image-size", "32", "--processes", "1", "--threads", "4", "--timeout", "5", *extra]
 
 
-@pytest.mark.slow  # two img2dataset runs (~60 s on 2 cores, mostly its workers' start-up)
+@pytest.mark.slow  # three img2dataset runs (60-80 s on 2 cores, mostly its workers' start-up)
 @pytest.mark.timeout(400)
 def test_img2dataset_shards_into_a_bucket_and_reruns_incrementally(store, proxy, tmp_path, run_cli):
     from data_pipeline.loopback_server import serve_folder
@@ -251,6 +251,11 @@ def test_img2dataset_shards_into_a_bucket_and_reruns_incrementally(store, proxy,
         assert run["shards_downloaded"] == 1 and run["shards_skipped"] == 2
         refused = run_cli("data_pipeline.shards", *_shard_args(url_list, output))
         assert refused.returncode == 2 and "--incremental" in refused.stderr
+        no_bucket = run_cli("data_pipeline.shards", *_shard_args(url_list, "s3://no-such-bucket/x"))
+        assert no_bucket.returncode == 2 and "Traceback" not in no_bucket.stderr
+        assert no_bucket.stderr.strip() == ("error: --output s3://no-such-bucket/x: no bucket "
+                                            "'no-such-bucket' (or these credentials cannot see it); "
+                                            "create it first")
 
     checked = run_cli("data_pipeline.validate", output)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -263,7 +268,6 @@ def test_img2dataset_shards_into_a_bucket_and_reruns_incrementally(store, proxy,
     loader.close()
 
 
-@pytest.mark.slow  # a tokenizer and a 6-step training run in subprocesses (~40-70 s on 2 cores)
 @pytest.mark.timeout(300)
 def test_a_training_run_on_flaky_s3_logs_its_retries_into_metrics_jsonl(store, proxy, tmp_path):
     from trainer_cli import run
