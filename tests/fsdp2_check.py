@@ -2,7 +2,7 @@
 taking its rows (as tests/ddp_step_check.py does for DDP).
 
     fsdp2_check.py train RUN_DIR OUT    DDP takes 3 steps; FSDP2 from the same initial weights
-                                        takes 3 steps, saves a sharded checkpoint in the background
+                                        takes 3 (also with activation checkpointing), saves a sharded checkpoint in the background
                                         and takes 2 more while it is written
     fsdp2_check.py resume RUN_DIR OUT   FSDP2 from other weights loads RUN_DIR's newest sharded
                                         checkpoint (on any number of ranks), then takes 2 steps
@@ -35,9 +35,10 @@ rows = slice(env.rank * GLOBAL_BATCH // env.world_size, (env.rank + 1) * GLOBAL_
 batch = {"image": images[rows], "text": text[rows]}
 
 
-def engine_for(name: str, seed: int):
+def engine_for(name: str, seed: int, grad_checkpointing: bool = False):
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = _small_model()
+    model.set_grad_checkpointing(grad_checkpointing)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, fused=False))
     return build_engine(EngineConfig(name=name, precision="fp32"), model, optimizer, env,
                         grad_clip=1.0, micro_batch=GLOBAL_BATCH // env.world_size, accum_steps=1)
@@ -53,6 +54,8 @@ if mode == "train":
     result["ddp_losses"] = steps(ddp, 3)
     result["ddp_model"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
     result["ddp_optimizer"] = ddp.optimizer.state_dict()
+    # Activation checkpointing (each block recomputed in backward, its weights gathered again).
+    result["recompute_losses"] = steps(engine_for("fsdp2", 0, grad_checkpointing=True), 3)
     fsdp = engine_for("fsdp2", 0)
     result["losses"] = steps(fsdp, 3)
     result["model"], result["optimizer"] = fsdp.full_state()
