@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--spark-cores-max", type=int, metavar="N",
         help="cores this run takes from a standalone cluster (default: all free ones)",
     )
+    spark.add_argument(
+        "--spark-start-timeout", type=float, default=SparkConfig.start_timeout_s, metavar="S",
+        help="seconds a spark:// master may take to start the first executor (default: %(default)s)",
+    )
     return parser
 
 
@@ -193,6 +197,7 @@ def spark_config_from_args(args: argparse.Namespace) -> SparkConfig:
         executor_memory=args.spark_executor_memory,
         executor_cores=args.spark_executor_cores,
         cores_max=args.spark_cores_max,
+        start_timeout_s=args.spark_start_timeout,
     )
     if args.distributor != "pyspark" and not spark.is_default():
         raise UserError("the --spark-* options need --distributor pyspark")

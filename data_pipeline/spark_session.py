@@ -20,12 +20,15 @@ import os
 import re
 import socket
 import sys
+import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
 
 from data_pipeline.errors import UserError
+from data_pipeline.img2dataset_runner import _output_into
 
 APP_NAME = "clipstream-shards"
 # JVM memory sizes as Spark writes them: 512m, 4g, 1t (k/m/g/t, optional trailing b).
@@ -42,6 +45,9 @@ class SparkConfig:
     executor_memory: str | None = None
     executor_cores: int | None = None
     cores_max: int | None = None
+    # A standalone master that cannot grant one executor (no worker with that much free memory
+    # or cores) leaves the job waiting forever; after this many seconds we stop with one line.
+    start_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.master is not None and not self.master.strip():
@@ -54,6 +60,8 @@ class SparkConfig:
                             ("--spark-cores-max", self.cores_max)):
             if value is not None and value <= 0:
                 raise UserError(f"{flag} must be positive, got {value}")
+        if self.start_timeout_s <= 0:
+            raise UserError(f"--spark-start-timeout must be positive, got {self.start_timeout_s}")
 
     def is_default(self) -> bool:
         return self == SparkConfig()
@@ -82,6 +90,35 @@ def _check_master_reachable(master: str) -> None:
         except (OSError, ValueError):
             continue
     raise UserError(f"cannot reach the Spark master {master} (is it running, and the port open?)")
+
+
+def _wait_for_an_executor(session, config: SparkConfig) -> None:
+    """On a standalone master, wait until one executor has registered (see start_timeout_s).
+
+    Other masters are left alone: local mode runs tasks in the driver, and with dynamic
+    allocation (YARN, Kubernetes) executors are requested only once tasks are pending."""
+    context = session.sparkContext
+    dynamic = context.getConf().get("spark.dynamicAllocation.enabled", "false").lower() == "true"
+    if not context.master.startswith("spark://") or dynamic:
+        return
+    deadline = time.monotonic() + config.start_timeout_s
+    # The JVM's executor list counts the driver itself, hence "more than one".
+    while context._jsc.sc().getExecutorMemoryStatus().size() < 2:
+        if time.monotonic() > deadline:
+            asked = ", ".join(f"{k}={v}" for k, v in config.settings().items()) or "Spark's defaults"
+            raise UserError(
+                f"the Spark master {context.master} started no executor within "
+                f"{config.start_timeout_s:.0f} s ({asked}): does a worker have that much free memory "
+                "and cores? (see its web UI; --spark-start-timeout waits longer)"
+            )
+        time.sleep(0.5)
+
+
+def _default_master(processes: int) -> str:
+    """The master spark-submit set (in the JVM's system properties), else local[processes]."""
+    from pyspark import SparkConf  # starts the JVM gateway, which getOrCreate then reuses
+
+    return SparkConf().get("spark.master", f"local[{processes}]")
 
 
 def _import_pyspark():
@@ -113,23 +150,24 @@ def spark_session(config: SparkConfig, processes: int) -> Iterator[object]:
     # not from spark.pyspark.python; without either it is `python3` on PATH, which lacks our venv.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(APP_NAME).config("spark.ui.showConsoleProgress", "false")
-    if config.master:
-        builder = builder.master(config.master)
-    else:
-        from pyspark import SparkConf
-
-        if not SparkConf().contains("spark.master"):  # spark-submit sets it; a plain run does not
-            builder = builder.master(f"local[{processes}]")
     for key, value in config.settings().items():
         builder = builder.config(key, value)
+    # The driver's JVM inherits fds 1 and 2 when it starts and writes its start-up notes and log
+    # there for good: point them at a log file while it starts, so the console keeps our lines.
+    log = os.path.join(tempfile.gettempdir(), f"{APP_NAME}-driver-{os.getpid()}.log")
     try:
-        session = builder.getOrCreate()
+        with _output_into(log):
+            builder = builder.master(config.master or _default_master(processes))
+            session = builder.getOrCreate()
     except Exception as exc:  # noqa: BLE001 - pyspark raises its own types for a JVM that won't start
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not start Spark (Java 17+ installed? JAVA_HOME set?): {first}") from exc
+        raise UserError(f"could not start Spark (Java 17+ installed? JAVA_HOME set?): {first}; see {log}") from exc
+    context = session.sparkContext
+    print(f"spark: {context.master}, application {context.applicationId} (driver log: {log})", flush=True)
     # Our progress line per shard says what matters; Spark's INFO/WARN lines would drown it.
     session.sparkContext.setLogLevel("ERROR")
     try:
+        _wait_for_an_executor(session, config)
         yield session
     finally:
         session.stop()

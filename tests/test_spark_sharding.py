@@ -86,9 +86,9 @@ def multiprocessing_shards(url_source) -> Path:
 
 
 @pytest.fixture(scope="module")
-def spark_run(url_source, multiprocessing_shards, tmp_path_factory) -> dict:
-    """The same list through a fresh local cluster, stopped as soon as the run ends (after the
-    multiprocessing run: one of them at a time on the shared cores)."""
+def spark_cluster(multiprocessing_shards, tmp_path_factory):
+    """A local master + one 2-core, 1 GB worker, started after the multiprocessing run (one of
+    them at a time on the shared cores) and always stopped."""
     cluster = LocalSpark(tmp_path_factory.mktemp("spark_cluster"), cores=2, worker_memory="1g")
     try:
         cluster.start(timeout=90)
@@ -96,18 +96,27 @@ def spark_run(url_source, multiprocessing_shards, tmp_path_factory) -> dict:
         cluster.stop()
         pytest.skip(f"a local Spark cluster did not start: {str(exc).splitlines()[0]}")
     try:
-        output = url_source["root"] / "pyspark"
-        result = _shard(url_source["list"], output, "--distributor", "pyspark",
-                        "--spark-master", cluster.master_url, "--spark-executor-memory", "512m",
-                        "--spark-cores-max", "2", env=cluster.env)
-        state = cluster.state()
-        work = sorted(p for p in (cluster.root / "work").glob("app-*") if p.is_dir())
-        logs = cluster.logs()
+        yield cluster
     finally:
         cluster.stop()
-    assert result.returncode == 0, result.stdout + result.stderr + logs
+
+
+@pytest.fixture(scope="module")
+def spark_run(url_source, spark_cluster) -> dict:
+    """The same list as the multiprocessing run, through the local cluster."""
+    output = url_source["root"] / "pyspark"
+    result = _shard(url_source["list"], output, "--distributor", "pyspark",
+                    "--spark-master", spark_cluster.master_url, "--spark-executor-memory", "512m",
+                    "--spark-cores-max", "2", env=spark_cluster.env)
+    assert result.returncode == 0, result.stdout + result.stderr + spark_cluster.logs()
     assert "Traceback" not in result.stdout + result.stderr
-    return {"output": output, "state": state, "app_dirs": work, "stdout": result.stdout}
+    return {
+        "output": output,
+        "state": spark_cluster.state(),
+        "app_dirs": sorted(p for p in (spark_cluster.root / "work").glob("app-*") if p.is_dir()),
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+    }
 
 
 def _samples(folder: Path) -> dict[str, dict[str, bytes]]:
@@ -179,6 +188,29 @@ def test_spark_shards_were_downloaded_by_the_clusters_executors(spark_run):
     executor_logs = list(spark_run["app_dirs"][0].glob("*/stderr"))
     assert executor_logs, "the worker started no executor"
     assert "10/10 shards finished" in spark_run["stdout"]
+    assert f"spark: {spark_run['state']['url']}, application app-" in spark_run["stdout"]
+    assert spark_run["stderr"] == ""  # the JVM's start-up notes go to the driver log
+
+
+@needs_spark
+@pytest.mark.slow
+def test_executors_the_cluster_cannot_grant_end_in_one_line_not_a_hang(url_source, spark_cluster,
+                                                                      spark_run, tmp_path):
+    """The worker has 1 GB: a 4 GB executor never starts, and Spark alone would wait forever."""
+    output = tmp_path / "shards"
+    result = _shard(url_source["list"], output, "--distributor", "pyspark",
+                    "--spark-master", spark_cluster.master_url, "--spark-executor-memory", "4g",
+                    "--spark-start-timeout", "5", env=spark_cluster.env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: the Spark master {spark_cluster.master_url} started no executor within 5 s "
+        "(spark.executor.memory=4g): does a worker have that much free memory and cores? "
+        "(see its web UI; --spark-start-timeout waits longer)"
+    ]
+    assert not output.exists()
+    # The refused application was stopped, not left queued on the master.
+    apps = spark_cluster.state()
+    assert not [a for a in apps["activeapps"] if a["name"] == APP_NAME], apps["activeapps"]
 
 
 @pytest.mark.skipif(spark_home() is None, reason="pyspark is not installed")
