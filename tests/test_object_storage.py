@@ -153,6 +153,23 @@ def test_reset_reads_resume_mid_object_and_a_dead_shard_is_skipped_and_counted(
     loader.close()
 
 
+def test_a_store_that_fails_every_read_stops_the_run_in_one_line(store, proxy, tmp_path):
+    from training.data import DataError
+    from training.data.loader import UNREADABLE_SHARDS_IN_A_ROW
+
+    remote = upload(store["fs"], write_source(tmp_path / "local", shards=3, per_shard=4, prefix="d"),
+                    "down")
+    for shard in range(3):
+        proxy.faults[f"/{BUCKET}/down/{shard:05d}.tar"] = Fault(cut_after=100)
+    loader = build_train_loader(config(remote, read_retries=0), tokenize, PAD_ID)
+    with pytest.raises(DataError, match=rf"^{UNREADABLE_SHARDS_IN_A_ROW} shards in a row could "
+                                        r"not be read from storage, the last s3://.*reachable\?$"):
+        next(loader)
+    assert loader.skipped_samples == 0  # no batch was handed out
+    assert sum(proxy.broken.values()) == UNREADABLE_SHARDS_IN_A_ROW  # retries=0: one GET each
+    loader.close()
+
+
 @pytest.mark.parametrize("mode", ["stall", "503"])
 def test_a_stalled_read_or_a_503_is_retried(store, proxy, tmp_path, mode):
     local = tmp_path / "local"

@@ -57,6 +57,10 @@ Tokenize = Callable[[str], Sequence[int]]
 _DATA_ERROR_KEY = "__data_error__"
 # How many skipped samples each worker logs with their reason before it goes quiet.
 _SKIPS_LOGGED_PER_WORKER = 5
+# Remote shards given up (object_store) in a row, with no usable sample between, after which a
+# worker stops the run: one bad object is skipped, but a store that is down or unreachable would
+# otherwise be retried shard after shard forever (with the default retries, this is ~10 minutes).
+UNREADABLE_SHARDS_IN_A_ROW = 20
 
 
 @dataclass
@@ -117,6 +121,7 @@ class TrainStream(IterableDataset):
         token_lists: list[Sequence[int]] = []
         keys: list[str] = []
         times, started = StageTimes(), time.perf_counter()
+        unreadable_in_a_row = 0
         storage_before = READ_STATS.snapshot()  # this process's retries and given-up shards
         while True:
             read_from = time.perf_counter()
@@ -142,10 +147,17 @@ class TrainStream(IterableDataset):
                 # about the dataset: skipped and counted, never judged (which could stop the run).
                 usable = None if item.get("__unreadable__") else False
                 error = judge.record(item, usable=usable, reason=str(skip))
+                if item.get("__unreadable__"):
+                    unreadable_in_a_row += 1
+                    if unreadable_in_a_row >= UNREADABLE_SHARDS_IN_A_ROW:
+                        error = (f"{unreadable_in_a_row} shards in a row could not be read from "
+                                 f"storage, the last {item['__url__']} ({skip}); is the store "
+                                 "reachable?")
                 if error:
                     raise DataError(error)
                 continue
             judge.record(item, usable=True)
+            unreadable_in_a_row = 0
             images.append(pixels)
             token_lists.append(tokens)
             keys.append(f"{item['__url__']}#{item['__key__']}")
