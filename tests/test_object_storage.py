@@ -113,6 +113,14 @@ def test_missing_object_is_reported_at_once_not_retried(store, proxy):
     assert len(items) == 1 and "FileNotFoundError" in items[0]["__error__"]
     assert "__unreadable__" not in items[0]  # a wrong path is the user's to fix, not a hiccup
     assert READ_STATS.retries == retries and proxy.gets_of(f"/{BUCKET}/nowhere/00000.tar") == []
+    # In training it stops the run, naming the shard (a wrong path, not a hiccup to sit out).
+    from training.data import DataError
+
+    loader = build_train_loader(config(f"s3://{BUCKET}/nowhere/{{00000..00001}}.tar"), tokenize, PAD_ID)
+    with pytest.raises(DataError, match=r"shard s3://shards/nowhere/0000[01]\.tar yielded no usable "
+                                        r"sample .*FileNotFoundError"):
+        next(loader)
+    loader.close()
 
 
 def _range_start(header: str) -> int:
