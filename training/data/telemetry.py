@@ -4,7 +4,8 @@ is data-bound, and which stage binds it, before they see only that it is slow.
 
 Workers time their stages per batch (`training.data.decode.StageTimes`, plus the batch's whole
 busy time, which excludes time blocked on the queue); the loader adds them up here per logging
-window, together with the number of batches already waiting each time the trainer asked.
+window, together with the number of batches already waiting each time the trainer asked, and
+the remote reads retried and shards given up (`data_pipeline.object_store`), once there are any.
 """
 
 from __future__ import annotations
