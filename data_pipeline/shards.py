@@ -38,7 +38,6 @@ from data_pipeline.demo_build import build_demo
 from data_pipeline.demo_corpus import DemoConfig
 from data_pipeline.errors import UserError, run_main
 from data_pipeline.shard_build import build_shards
-from data_pipeline.spark_session import SparkConfig, spark_session
 from data_pipeline.shard_config import (
     DISTRIBUTORS,
     INPUT_FORMATS,
@@ -46,6 +45,7 @@ from data_pipeline.shard_config import (
     ShardConfig,
     infer_input_format,
 )
+from data_pipeline.spark_session import SparkConfig, spark_session
 
 # The demo's defaults differ from a web crawl's: tiny images so a small CLIP trains on a CPU, and
 # shards small enough that the 20k-pair train split spreads over several data-loader workers.
