@@ -2,7 +2,8 @@
 taking its rows (as tests/ddp_step_check.py does for DDP).
 
     fsdp2_check.py train RUN_DIR OUT    DDP takes 3 steps; FSDP2 from the same initial weights
-                                        takes 3 (also with activation checkpointing), saves a sharded checkpoint in the background
+                                        takes 3 (also with activation checkpointing, and both
+                                        with 2 accumulated micro-batches), saves a sharded checkpoint in the background
                                         and takes 2 more while it is written
     fsdp2_check.py resume RUN_DIR OUT   FSDP2 from other weights loads RUN_DIR's newest sharded
                                         checkpoint (on any number of ranks), then takes 2 steps
@@ -44,8 +45,10 @@ def engine_for(name: str, seed: int, grad_checkpointing: bool = False):
                         grad_clip=1.0, micro_batch=GLOBAL_BATCH // env.world_size, accum_steps=1)
 
 
-def steps(engine, n: int) -> list[float]:
-    return [train_step(engine, [batch], ClipLoss(), env).loss for _ in range(n)]
+def steps(engine, n: int, micro_batches: int = 1) -> list[float]:
+    size = len(batch["text"]) // micro_batches
+    micro = [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(micro_batches)]
+    return [train_step(engine, micro, ClipLoss(), env).loss for _ in range(n)]
 
 
 result = {}
@@ -54,6 +57,9 @@ if mode == "train":
     result["ddp_losses"] = steps(ddp, 3)
     result["ddp_model"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
     result["ddp_optimizer"] = ddp.optimizer.state_dict()
+    # Two accumulated micro-batches per step: gradients reduced only after the last one.
+    result["ddp_accum_losses"] = steps(engine_for("ddp", 0), 3, micro_batches=2)
+    result["accum_losses"] = steps(engine_for("fsdp2", 0), 3, micro_batches=2)
     # Activation checkpointing (each block recomputed in backward, its weights gathered again).
     result["recompute_losses"] = steps(engine_for("fsdp2", 0, grad_checkpointing=True), 3)
     fsdp = engine_for("fsdp2", 0)

@@ -53,6 +53,9 @@ def test_fsdp2_takes_ddps_steps_and_its_sharded_checkpoint_reshards_onto_1_and_2
     for curve in ("losses", "recompute_losses"):
         torch.testing.assert_close(torch.tensor(two[curve]), torch.tensor(two["ddp_losses"]),
                                    rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(two["accum_losses"]), torch.tensor(two["ddp_accum_losses"]),
+                               rtol=1e-5, atol=1e-6)
+    assert two["accum_losses"] != two["losses"]  # the micro-batches did change the steps
     for name, value in two["ddp_model"].items():
         torch.testing.assert_close(two["model"][name].reshape(value.shape), value, rtol=1e-5, atol=1e-5)
     saved = Path(two["saved_at"])
@@ -80,9 +83,13 @@ def test_trainer_run_stops_on_2_ranks_finishes_on_1_like_ddp_and_converts(even_c
         common = ("model.name=tiny", "engine.precision=fp32", "train.steps=4", f"engine.name={engine}",
                   "checkpoint.every=1", "checkpoint.keep=2")
         _ok(torchrun(2, *_args(even_corpus, run_dir, 2, *common, "train.stop_at_step=2")))
+        # A save that died mid-write (kill -9) leaves a temporary folder: never resumed from,
+        # removed by the next save.
+        (ckpt.checkpoint_dir(run_dir) / ".tmp_step_00000009.dcp").mkdir()
         result = torchrun(1, *_args(even_corpus, run_dir, 1, *common))
         _ok(result)
         assert "checkpoint was written by 2 ranks, resuming on 1" in result.stdout
+        assert "resumed from" in result.stdout and "at step 2" in result.stdout
         curves[engine] = torch.tensor(losses(run_dir))
     # Same data (the handed-over epoch), same steps: the curves agree (fp32, summation order).
     assert len(curves["fsdp2"]) == 4
@@ -98,6 +105,7 @@ def test_trainer_run_stops_on_2_ranks_finishes_on_1_like_ddp_and_converts(even_c
     # final checkpoint (weights and AdamW moments, keyed alike), and resumable by the ddp engine.
     single = Path(convert(sharded[-1]))
     assert single.name == "step_00000004.pt" and ckpt.list_checkpoints(run_dir) == [single]
+    assert ckpt.latest_checkpoint(run_dir, sharded=True) == sharded[-1]  # a resume takes the folder
     ddp_state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "ddp"))
     state = ckpt.load_checkpoint(single)
     assert state["engine"] == "ddp" and state["step"] == 4 and state["world_size"] == 1

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,7 +60,9 @@ def single_file_to_sharded(source: Path, out: Path) -> Path:
         torch.save({"format_version": ckpt.FORMAT_VERSION, "step": state["step"], **run_state,
                     "engine": "fsdp2", "scaler": {}, "scalar_params": sorted(scalars)}, tmp / RUN_STATE)
         # One process holds everything: DCP writes it as one shard; loading reshards it.
-        dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(tmp), no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that no process group means one process: yes
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(tmp), no_dist=True)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
