@@ -101,6 +101,8 @@ class LocalSpark:
             SPARK_LOCAL_IP="127.0.0.1",
             SPARK_LOG_DIR=str(self.root / "log"),
             SPARK_DAEMON_MEMORY=self.daemon_memory,
+            # Scratch files and the drivers' JVM logs (data_pipeline.spark_session) stay here too.
+            TMPDIR=str(self.root / "tmp"),
             # The Python that executors start: the one with img2dataset installed.
             PYSPARK_PYTHON=os.environ.get("PYSPARK_PYTHON", sys.executable),
         )
@@ -109,7 +111,7 @@ class LocalSpark:
         reason = missing_reason()
         if reason:
             raise RuntimeError(reason)
-        for sub in ("log", "work"):
+        for sub in ("log", "work", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.port, self.ui_port = free_port(), free_port()
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -187,7 +188,7 @@ def test_spark_shards_were_downloaded_by_the_clusters_executors(spark_run):
     assert len(spark_run["app_dirs"]) == 1
     executor_logs = list(spark_run["app_dirs"][0].glob("*/stderr"))
     assert executor_logs, "the worker started no executor"
-    assert "10/10 shards finished" in spark_run["stdout"]
+    assert re.search(rf"shards +10/10 finished, {GOOD} samples", spark_run["stdout"]), spark_run["stdout"]
     assert f"spark: {spark_run['state']['url']}, application app-" in spark_run["stdout"]
     assert spark_run["stderr"] == ""  # the JVM's start-up notes go to the driver log
 
