@@ -9,6 +9,7 @@ One URL list into one shard folder:
     url_list.py           checks a URL list's file, columns and rows before img2dataset sees it
     shard_files.py        what a shard folder may hold
     img2dataset_runner.py the img2dataset call (log redirection, Ctrl-C handling)
+    spark_session.py      the SparkSession around a `--distributor pyspark` run (master, sizes)
     manifest.py           sizes.json, manifest.json, failure reasons, the summary table
     shard_build.py        check -> download -> describe, for one folder
 
@@ -21,6 +22,7 @@ The demo corpus:
 
 Reading shards back (every reader: validate, the trainer, eval, search, the tokenizer):
     shard_format.py       tar -> raw samples, and what makes a sample usable (and why not)
+    object_store.py       remote (s3://, fsspec) shard reads that retry and resume mid-object
 
 errors.py holds UserError and run_main, shared with the other packages' entry points.
 """
