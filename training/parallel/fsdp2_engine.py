@@ -71,15 +71,17 @@ class FSDP2Engine:
                 dist.broadcast(tensor.data, src=0)
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         dtype = torch.bfloat16 if precision == "bf16" else None
-        # Outputs in fp32: the loss (similarities over the global batch) is computed in fp32,
+        # Blocks hand bf16 activations on (the next unit computes in bf16 too); the model's
+        # outputs are fp32, so the loss (similarities over the global batch) is computed in fp32,
         # as autocast leaves it under the ddp engine.
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
-                                      output_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                           output_dtype=torch.float32)
         for block in transformer_blocks(model):
             if compile_model:
                 block.compile()  # per block, before sharding (FSDP2's hooks stay outside the graph)
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=root_policy)
         params = dict(model.named_parameters())
         for group, names in zip(optimizer.param_groups, group_names):
             group["params"] = [params[n] for n in names]
