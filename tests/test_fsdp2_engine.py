@@ -18,7 +18,8 @@ from training import checkpoint as ckpt
 from training.convert_checkpoint import convert
 from training.model.trained import load_trained_model
 from training.parallel.dcp_checkpoint import read_full
-from trainer_cli import REPO_ROOT, losses, run, subprocess_env, torchrun, train_args, wait_for
+from trainer_cli import (REPO_ROOT, losses, run, subprocess_env, torchrun, train_args, wait_for,
+                         writable_corpus)
 from test_world_size_resume import _args, _ok, even_corpus  # noqa: F401 - a fixture, reused
 
 pytestmark = pytest.mark.slow
@@ -143,8 +144,6 @@ def test_trainer_run_stops_on_2_ranks_finishes_on_1_like_ddp_and_converts(even_c
 def test_stop_signal_waits_for_the_background_checkpoint(demo_shards, tmp_path_factory, tmp_path):
     """SLURM's pre-emption warning (USR1) mid-run: the stop checkpoint is written in the
     background like any other, and the process exits only once it is complete and in place."""
-    from trainer_cli import writable_corpus
-
     corpus = writable_corpus(demo_shards, tmp_path_factory)
     run_dir = tmp_path / "run"
     args = train_args(corpus, run_dir, "model.name=tiny", "engine.name=fsdp2", "train.steps=400",
