@@ -15,6 +15,10 @@ The model and optimizer states are keyed by parameter name (DCP's convention). T
 format keys the optimizer's per-parameter state by position; `to_single_file`/`from_single_file`
 translate between the two (the order is the optimizer's parameter order in both), so a sharded
 checkpoint converts to a file every reader of ours takes, and back.
+
+Trust: DCP reads its `.metadata` with pickle (torch 2.14's FileSystemReader), so unlike our
+single files (weights_only) a sharded checkpoint from someone else can run code when loaded or
+converted: load only your own runs' folders.
 """
 
 from __future__ import annotations
