@@ -1,6 +1,6 @@
 """Evaluate each checkpoint of a training run as it appears, exactly once, until the run ends.
 
-    loop: list RUN_DIR/checkpoints/step_*.pt (oldest first; only finished files are listed,
+    loop: list RUN_DIR/checkpoints/step_*.pt or .dcp (oldest first; only finished ones are listed,
           the trainer writes them atomically), evaluate every one whose suites are not all in
           OUT/done.json, then
           - RUN_DIR/finished.json exists (the trainer writes it after its final checkpoint)
@@ -25,7 +25,7 @@ from typing import Callable
 
 from data_pipeline.errors import UserError
 from eval.sharding import agree
-from training.checkpoint import list_checkpoints
+from training.checkpoint import evaluable_checkpoints
 
 FINISHED_MARKER = "finished.json"
 LOCK_FILE = "watch.lock"
@@ -103,7 +103,7 @@ def watch(
     while True:
         # Sharded (torchrun): every decision is rank 0's, so all ranks evaluate the same things.
         marker_step = agree(_finished_step(cfg.run_dir))  # read before listing: see below
-        checkpoints = agree(list_checkpoints(cfg.run_dir))
+        checkpoints = agree(evaluable_checkpoints(cfg.run_dir))
         for checkpoint in checkpoints:
             if not agree(bool(pending(checkpoint))):
                 continue

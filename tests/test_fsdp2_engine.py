@@ -16,7 +16,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training.convert_checkpoint import convert
-from training.model.trained import load_trained_model
+from training.model.trained import load_trained_model, resolve_checkpoint
 from training.parallel.dcp_checkpoint import read_full
 from trainer_cli import (REPO_ROOT, losses, run, subprocess_env, torchrun, train_args, wait_for,
                          writable_corpus)
@@ -99,8 +99,13 @@ def test_trainer_run_stops_on_2_ranks_finishes_on_1_like_ddp_and_converts(even_c
     run_dir = tmp_path / "fsdp2"
     sharded = ckpt.list_checkpoints(run_dir, sharded=True)
     assert [p.name for p in sharded] == ["step_00000003.dcp", "step_00000004.dcp"]  # keep=2
-    assert ckpt.list_checkpoints(run_dir) == []  # eval's listing: single files only
+    assert ckpt.list_checkpoints(run_dir) == []  # single files only
     assert not list(ckpt.checkpoint_dir(run_dir).glob(".tmp_*"))
+    # Eval, its watcher, search and the export read the sharded folders as they are: the run
+    # folder resolves to its newest, read whole into the same model the converted file holds.
+    assert ckpt.evaluable_checkpoints(run_dir) == sharded
+    assert resolve_checkpoint(run_dir) == sharded[-1]
+    from_folder = load_trained_model(sharded[-1])
 
     # Sharded -> single file: the file eval, search and the export read, equal to the DDP run's
     # final checkpoint (weights and AdamW moments, keyed alike), and resumable by the ddp engine.
@@ -120,6 +125,10 @@ def test_trainer_run_stops_on_2_ranks_finishes_on_1_like_ddp_and_converts(even_c
     trained = load_trained_model(single)
     for name, value in trained.model.state_dict().items():
         assert torch.equal(value, state["model"][name]), name
+        assert torch.equal(from_folder.model.state_dict()[name], value), name
+    assert from_folder.step == trained.step == 4
+    # One per step for eval: the file converted from a folder stands in for it.
+    assert ckpt.evaluable_checkpoints(run_dir) == [sharded[0], single]
 
     # And back: the single file as a sharded folder holds exactly what the original held.
     back = Path(convert(single, tmp_path / "back" / "step_00000004.dcp"))

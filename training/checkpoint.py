@@ -62,6 +62,20 @@ def list_checkpoints(run_dir: str | Path, sharded: bool = False) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
+def evaluable_checkpoints(run_dir: str | Path) -> list[Path]:
+    """One finished checkpoint per saved step, oldest first, for readers of the model only (eval,
+    its watcher, search, export): the single file where there is one, else the sharded folder
+    (an fsdp2 run's), which `load_checkpoint` reads whole."""
+    by_step = {}
+    for path in list_checkpoints(run_dir, sharded=True):
+        by_step.setdefault(int(path.name[5:13]), path)  # a file is listed before its folder
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return path.is_dir() and _SHARDED_NAME.match(path.name) is not None
+
+
 def latest_checkpoint(run_dir: str | Path, sharded: bool = False) -> Path | None:
     found = list_checkpoints(run_dir, sharded)
     return found[-1] if found else None

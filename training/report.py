@@ -79,7 +79,8 @@ def build_rows(run_dir: Path, shards: Path | None) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if shards is not None:
         rows += _shard_rows(shards)
-    latest = ckpt.latest_checkpoint(run_dir)
+    found = ckpt.evaluable_checkpoints(run_dir)
+    latest = found[-1] if found else None
     records = _metrics(run_dir)
     if latest is None or not records:
         rows.append(("training", f"no finished run in {run_dir}"))

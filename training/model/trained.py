@@ -29,12 +29,15 @@ class TrainedModel:
 
 
 def resolve_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
-    """A checkpoint file as given, or a run folder's newest checkpoint; UserError otherwise."""
+    """A checkpoint (a file, or an fsdp2 run's sharded step_N.dcp folder) as given, or a run
+    folder's newest checkpoint; UserError otherwise."""
+    if ckpt.is_sharded_checkpoint(path):
+        return path
     if path.is_dir():
-        newest = ckpt.latest_checkpoint(path)
-        if newest is None:
-            raise UserError(f"{option} {path}: no checkpoints/step_*.pt inside")
-        return newest
+        found = ckpt.evaluable_checkpoints(path)
+        if not found:
+            raise UserError(f"{option} {path}: no checkpoints/step_*.pt (or step_*.dcp) inside")
+        return found[-1]
     if not path.is_file():
         raise UserError(f"{option} {path}: no such file or run folder")
     return path
@@ -42,7 +45,7 @@ def resolve_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or ckpt.is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"no checkpoint at {path}")
     state = ckpt.load_checkpoint(path)
     config = state["config"]
