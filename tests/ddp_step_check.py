@@ -7,7 +7,7 @@ import sys
 import torch
 
 sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "tests")]
-from test_nonfinite_steps import _small_model  # noqa: E402
+from test_nonfinite_steps import _batch, _small_model, rank_rows  # noqa: E402
 from training.losses import ClipLoss  # noqa: E402
 from training.optim import OptimConfig, build_optimizer  # noqa: E402
 from training.parallel.engines import EngineConfig, build_engine  # noqa: E402
@@ -21,12 +21,7 @@ model = _small_model()
 engine = build_engine(EngineConfig(precision="fp32"), model,
                       build_optimizer(model, OptimConfig(lr=1e-3, fused=False)), env,
                       grad_clip=1.0, micro_batch=GLOBAL_BATCH // env.world_size, accum_steps=1)
-g = torch.Generator().manual_seed(1)
-text = torch.randint(1, 62, (GLOBAL_BATCH, 8), generator=g)
-text[:, -1] = 63
-images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
-rows = slice(env.rank * GLOBAL_BATCH // env.world_size, (env.rank + 1) * GLOBAL_BATCH // env.world_size)
-batch = {"image": images[rows], "text": text[rows]}
+batch = rank_rows(_batch(GLOBAL_BATCH, seed=1), env)
 losses = [train_step(engine, [batch], ClipLoss(), env).loss for _ in range(3)]
 if env.is_main:
     torch.save({"losses": losses, "model": engine.module.state_dict()}, sys.argv[1])

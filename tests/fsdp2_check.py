@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "tests")]
-from test_nonfinite_steps import _small_model  # noqa: E402
+from test_nonfinite_steps import _batch, _small_model, rank_rows  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training.losses import ClipLoss  # noqa: E402
 from training.optim import OptimConfig, build_optimizer  # noqa: E402
@@ -28,12 +28,7 @@ from training.train import train_step  # noqa: E402
 GLOBAL_BATCH = 8
 mode, run_dir, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 env = setup_distributed("cpu")
-g = torch.Generator().manual_seed(1)
-text = torch.randint(1, 62, (GLOBAL_BATCH, 8), generator=g)
-text[:, -1] = 63
-images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
-rows = slice(env.rank * GLOBAL_BATCH // env.world_size, (env.rank + 1) * GLOBAL_BATCH // env.world_size)
-batch = {"image": images[rows], "text": text[rows]}
+batch = rank_rows(_batch(GLOBAL_BATCH, seed=1), env)
 
 
 def engine_for(name: str, seed: int, grad_checkpointing: bool = False):

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from local_daemons import end_group, pids_with_env
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "scancel", "srun")
 
@@ -139,7 +141,7 @@ class LocalSlurm:
             while time.monotonic() < deadline and self._out("squeue", "-h").strip():
                 time.sleep(1)
         for name in reversed(list(self._daemons)):
-            _end_group(self._daemons[name])
+            end_group(self._daemons[name], 10.0)
         self._daemons.clear()
         for pid in self._stray_pids():
             try:
@@ -222,31 +224,7 @@ class LocalSlurm:
             return False
 
     def _stray_pids(self) -> list[int]:
-        marker = f"SLURM_CONF={self.conf}".encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if marker in environ:
-                pids.append(int(entry.name))
-        return pids
-
-
-def _end_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the daemon's process group, SIGKILL it if it lingers."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        return pids_with_env(f"SLURM_CONF={self.conf}")
 
 
 def main(argv: list[str]) -> int:

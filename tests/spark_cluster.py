@@ -26,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from local_daemons import end_group, pids_with_env
+
 # Every process of a cluster (daemons, executors, their Python workers) carries this variable,
 # so stop() can find the ones that left the daemons' process groups.
 MARKER = "CLIPSTREAM_SPARK_CLUSTER"
@@ -142,7 +144,7 @@ class LocalSpark:
         """Stop the worker (and with it its executors), then the master, then any process of
         this cluster still alive (found by MARKER in its environment)."""
         for name in reversed(list(self._daemons)):
-            _end_group(self._daemons[name])
+            end_group(self._daemons[name], 15.0)
         self._daemons.clear()
         for pid in self._stray_pids():
             try:
@@ -179,31 +181,7 @@ class LocalSpark:
                          for p in sorted((self.root / "log").glob("*.out")))
 
     def _stray_pids(self) -> list[int]:
-        marker = f"{MARKER}={self.root}".encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if marker in environ:
-                pids.append(int(entry.name))
-        return pids
-
-
-def _end_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the daemon's process group, SIGKILL it if it lingers."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        return pids_with_env(f"{MARKER}={self.root}")
 
 
 def main(argv: list[str]) -> int:

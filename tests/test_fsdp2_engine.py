@@ -17,7 +17,6 @@ import torch
 from training import checkpoint as ckpt
 from training.convert_checkpoint import convert
 from training.model.trained import load_trained_model, resolve_checkpoint
-from training.parallel.dcp_checkpoint import read_full
 from trainer_cli import (REPO_ROOT, losses, run, subprocess_env, torchrun, train_args, wait_for,
                          writable_corpus)
 from test_world_size_resume import _args, _ok, even_corpus  # noqa: F401 - a fixture, reused
@@ -72,7 +71,7 @@ def test_fsdp2_takes_ddps_steps_and_its_sharded_checkpoint_reshards_onto_1_and_2
         torch.testing.assert_close(torch.tensor(resumed["losses_after"]),
                                    torch.tensor(two["losses_after"]), rtol=1e-5, atol=1e-6)
     # The same checkpoint read whole in one process (the converter's path) holds the same.
-    whole = read_full(saved)
+    whole = ckpt.read_full(saved)
     for name, value in two["model"].items():
         assert torch.equal(whole["model"][name].reshape(value.shape), value), name
 
@@ -132,7 +131,7 @@ def test_trainer_run_stops_on_2_ranks_finishes_on_1_like_ddp_and_converts(even_c
 
     # And back: the single file as a sharded folder holds exactly what the original held.
     back = Path(convert(single, tmp_path / "back" / "step_00000004.dcp"))
-    again = read_full(back)
+    again = ckpt.read_full(back)
     for name, value in state["model"].items():
         assert torch.equal(again["model"][name], value), name
     for index, moments in state["optimizer"]["state"].items():
@@ -173,7 +172,7 @@ def test_stop_signal_waits_for_the_background_checkpoint(demo_shards, tmp_path_f
     latest = ckpt.latest_checkpoint(run_dir, sharded=True)
     stopped_at = int(stdout.split("stop signal received: checkpointing at step ")[1].split()[0])
     assert latest.name == f"step_{stopped_at:08d}.dcp"
-    assert read_full(latest)["step"] == stopped_at
+    assert ckpt.read_full(latest)["step"] == stopped_at
     assert not list(latest.parent.glob(".tmp_*"))
     result = run("training.main", *args, "checkpoint.resume=latest", f"train.stop_at_step={stopped_at + 1}")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -31,11 +31,19 @@ def _small_model() -> torch.nn.Module:
     return build_model(cfg)
 
 
-def _batch() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(1, 62, (4, 8), generator=g)
+def _batch(size: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed batch for `_small_model` (also the global batch of the torchrun step checks)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, 62, (size, 8), generator=g)
     text[:, -1] = 63
-    return {"image": torch.randn(4, 3, 32, 32, generator=g), "text": text}
+    return {"image": torch.randn(size, 3, 32, 32, generator=g), "text": text}
+
+
+def rank_rows(batch: dict[str, torch.Tensor], env) -> dict[str, torch.Tensor]:
+    """This rank's contiguous share of a global batch's rows."""
+    size = len(batch["text"])
+    rows = slice(env.rank * size // env.world_size, (env.rank + 1) * size // env.world_size)
+    return {key: value[rows] for key, value in batch.items()}
 
 
 def _nan_loss(*args):

@@ -40,6 +40,7 @@ from data_pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 SHARDED_SUFFIX = ".dcp"
+RUN_STATE = "run_state.pt"  # in a sharded folder: rank 0's run state beside DCP's shards
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 _SHARDED_NAME = re.compile(r"^step_(\d{8})\.dcp$")
 
@@ -121,8 +122,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     object) is refused, never run. Truncated, garbled or foreign files raise CheckpointError.
     A sharded folder (step_N.dcp) is read whole into the same format."""
     if Path(path).is_dir() and Path(path).suffix == SHARDED_SUFFIX:
-        from training.parallel.dcp_checkpoint import read_full  # lazy: parallel/ imports this module
-
         return read_full(Path(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,6 +135,53 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})"
         )
     return state
+
+
+# -- sharded folders (engine fsdp2; written by training/parallel/dcp_checkpoint.py), read whole
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint's run_state.pt (small; every rank may read it)."""
+    if not (path / ".metadata").is_file() or not (path / RUN_STATE).is_file():
+        raise CheckpointError(f"{path}: not a complete sharded checkpoint (no .metadata or {RUN_STATE})")
+    return load_checkpoint(path / RUN_STATE)
+
+
+def read_full(path: Path) -> dict[str, Any]:
+    """The whole checkpoint in one process, as the single-file format holds it: full tensors,
+    the optimizer keyed by position, scalar parameters back to 0-dim. No process group needed."""
+    # DCP's own DCP-to-torch.save converter reads this way (an empty state dict that the planner
+    # fills from the metadata, no_dist); we keep the result in memory instead of writing it.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state = read_run_state(path)
+    tensors: dict[str, Any] = {}
+    try:
+        _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except Exception as exc:  # noqa: BLE001 - DCP raises its own types for damaged folders
+        raise CheckpointError(f"{path}: shards unreadable ({type(exc).__name__}: "
+                                   f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
+    return to_single_file(state, tensors["model"], tensors["optimizer"])
+
+
+def to_single_file(run_state: dict[str, Any], model: dict[str, torch.Tensor],
+                   optimizer: dict[str, Any]) -> dict[str, Any]:
+    scalars = set(run_state.get("scalar_params", ()))
+    model = {k: v.reshape(()) if k in scalars else v for k, v in model.items()}
+    index: dict[str, int] = {}
+    groups = []
+    for group in optimizer.get("param_groups", []):
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    per_param = {
+        index[name]: {k: v.reshape(()) if name in scalars and k != "step" else v for k, v in s.items()}
+        for name, s in optimizer.get("state", {}).items()
+    }
+    state = {k: v for k, v in run_state.items() if k != "scalar_params"}
+    return {**state, "model": model, "optimizer": {"state": per_param, "param_groups": groups}}
 
 
 def _short_reason(exc: Exception) -> str:

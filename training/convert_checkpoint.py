@@ -25,7 +25,8 @@ import torch.distributed.checkpoint as dcp
 
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
-from training.parallel.dcp_checkpoint import RUN_STATE, from_single_file, read_full
+from training.checkpoint import RUN_STATE, read_full
+from training.parallel.dcp_checkpoint import from_single_file
 
 
 def sharded_to_single_file(source: Path, out: Path) -> Path:

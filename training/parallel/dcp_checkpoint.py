@@ -12,7 +12,7 @@ rank's shard and DCP's metadata are on disk, so a crash mid-save leaves the prev
 as the newest one and nothing half-written under a real name (listings skip `.tmp_*`).
 
 The model and optimizer states are keyed by parameter name (DCP's convention). The single-file
-format keys the optimizer's per-parameter state by position; `to_single_file`/`from_single_file`
+format keys the optimizer's per-parameter state by position; `checkpoint.to_single_file`/`from_single_file`
 translate between the two (the order is the optimizer's parameter order in both), so a sharded
 checkpoint converts to a file every reader of ours takes, and back.
 
@@ -36,7 +36,6 @@ import torch.distributed.checkpoint as dcp
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
 
-RUN_STATE = "run_state.pt"
 
 
 def sharded_path(run_dir: str | Path, step: int) -> Path:
@@ -99,19 +98,12 @@ def start_save(
         for stale in final.parent.glob(f".tmp_*{ckpt.SHARDED_SUFFIX}"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        torch.save({"format_version": ckpt.FORMAT_VERSION, "step": step, **run_state}, tmp / RUN_STATE)
+        torch.save({"format_version": ckpt.FORMAT_VERSION, "step": step, **run_state}, tmp / ckpt.RUN_STATE)
     # All ranks (in `group`): no rank writes its shard before rank 0 has made the folder afresh.
     dist.barrier(group=group)
     future = dcp.async_save({"model": model_state, "optimizer": optimizer_state},
                             checkpoint_id=str(tmp), process_group=group)
     return PendingSave(future, tmp, final, run_dir, keep, is_main)
-
-
-def read_run_state(path: Path) -> dict[str, Any]:
-    """A sharded checkpoint's run_state.pt (small; every rank may read it)."""
-    if not (path / ".metadata").is_file() or not (path / RUN_STATE).is_file():
-        raise ckpt.CheckpointError(f"{path}: not a complete sharded checkpoint (no .metadata or {RUN_STATE})")
-    return ckpt.load_checkpoint(path / RUN_STATE)
 
 
 def load_into(model_state: dict[str, Any], optimizer_state: dict[str, Any], path: Path,
@@ -120,42 +112,6 @@ def load_into(model_state: dict[str, Any], optimizer_state: dict[str, Any], path
     calls this (collective); each reads the parts of the saved tensors its shards cover."""
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
              process_group=group)
-
-
-def read_full(path: Path) -> dict[str, Any]:
-    """The whole checkpoint in one process, as the single-file format holds it: full tensors,
-    the optimizer keyed by position, scalar parameters back to 0-dim. No process group needed."""
-    # DCP's own DCP-to-torch.save converter reads this way (an empty state dict that the planner
-    # fills from the metadata, no_dist); we keep the result in memory instead of writing it.
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state = read_run_state(path)
-    tensors: dict[str, Any] = {}
-    try:
-        _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(str(path)),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    except Exception as exc:  # noqa: BLE001 - DCP raises its own types for damaged folders
-        raise ckpt.CheckpointError(f"{path}: shards unreadable ({type(exc).__name__}: "
-                                   f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
-    return to_single_file(state, tensors["model"], tensors["optimizer"])
-
-
-def to_single_file(run_state: dict[str, Any], model: dict[str, torch.Tensor],
-                   optimizer: dict[str, Any]) -> dict[str, Any]:
-    scalars = set(run_state.get("scalar_params", ()))
-    model = {k: v.reshape(()) if k in scalars else v for k, v in model.items()}
-    index: dict[str, int] = {}
-    groups = []
-    for group in optimizer.get("param_groups", []):
-        ids = [index.setdefault(name, len(index)) for name in group["params"]]
-        groups.append({**group, "params": ids})
-    per_param = {
-        index[name]: {k: v.reshape(()) if name in scalars and k != "step" else v for k, v in s.items()}
-        for name, s in optimizer.get("state", {}).items()
-    }
-    state = {k: v for k, v in run_state.items() if k != "scalar_params"}
-    return {**state, "model": model, "optimizer": {"state": per_param, "param_groups": groups}}
 
 
 def from_single_file(state: dict[str, Any], scalar_names: set[str]) -> tuple[dict, dict, dict]:

@@ -165,7 +165,7 @@ class FSDP2Engine:
                 f"{path} is a single-file checkpoint; engine.name=fsdp2 resumes from sharded ones: "
                 f"python -m training.convert_checkpoint {path} (writes {path.with_suffix(ckpt.SHARDED_SUFFIX)})"
             )
-        state = dcp_checkpoint.read_run_state(path)
+        state = ckpt.read_run_state(path)
         if state.get("engine") != "fsdp2":
             raise UserError(f"{path} was written by the {state.get('engine')} engine; resume with "
                             f"engine.name={state.get('engine')}")
