@@ -56,14 +56,14 @@ def locate(root: Path, tasks: tuple[Task, ...]
     found, missing = [], []
     for task in tasks:
         if task.kind == "winogavil":
-            files = find_copy(root, task.folder_names)
-            found.append((task, files)) if files else missing.append(task)
-            continue
-        folder = find_task_folder(root, task)
-        if folder is None:
+            source = find_copy(root, task.folder_names)
+        else:
+            folder = find_task_folder(root, task)
+            source = None if folder is None else read_wds_folder(folder, task.kind)
+        if source is None:
             missing.append(task)
         else:
-            found.append((task, read_wds_folder(folder, task.kind)))
+            found.append((task, source))
     return found, missing
 
 

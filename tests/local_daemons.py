@@ -37,3 +37,20 @@ def end_group(proc: subprocess.Popen, grace: float) -> None:
             proc.wait()
         except ProcessLookupError:
             pass
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_daemons(daemons: dict[str, subprocess.Popen], grace: float, marker: str) -> None:
+    """End the daemons last-started first, forget their handles, then SIGKILL any process that
+    still carries the cluster's environment marker (job processes, executors)."""
+    for name in reversed(list(daemons)):
+        end_group(daemons[name], grace)
+    daemons.clear()
+    signal_all(pids_with_env(marker), signal.SIGKILL)

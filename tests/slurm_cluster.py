@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from local_daemons import end_group, pids_with_env
+from local_daemons import pids_with_env, signal_all, stop_daemons
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "scancel", "srun")
@@ -140,14 +140,7 @@ class LocalSlurm:
             deadline = time.monotonic() + 45
             while time.monotonic() < deadline and self._out("squeue", "-h").strip():
                 time.sleep(1)
-        for name in reversed(list(self._daemons)):
-            end_group(self._daemons[name], 10.0)
-        self._daemons.clear()
-        for pid in self._stray_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_daemons(self._daemons, 10.0, self._marker)
 
     def __enter__(self) -> LocalSlurm:
         return self.start()
@@ -223,8 +216,9 @@ class LocalSlurm:
         except subprocess.TimeoutExpired:
             return False
 
-    def _stray_pids(self) -> list[int]:
-        return pids_with_env(f"SLURM_CONF={self.conf}")
+    @property
+    def _marker(self) -> str:
+        return f"SLURM_CONF={self.conf}"
 
 
 def main(argv: list[str]) -> int:
@@ -237,8 +231,7 @@ def main(argv: list[str]) -> int:
         cluster.start()
         print(f"export SLURM_CONF={cluster.conf}")
         return 0
-    for pid in cluster._stray_pids():
-        os.kill(pid, signal.SIGTERM)
+    signal_all(pids_with_env(cluster._marker), signal.SIGTERM)
     return 0
 
 

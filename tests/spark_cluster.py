@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from local_daemons import end_group, pids_with_env
+from local_daemons import pids_with_env, signal_all, stop_daemons
 
 # Every process of a cluster (daemons, executors, their Python workers) carries this variable,
 # so stop() can find the ones that left the daemons' process groups.
@@ -143,14 +143,7 @@ class LocalSpark:
     def stop(self) -> None:
         """Stop the worker (and with it its executors), then the master, then any process of
         this cluster still alive (found by MARKER in its environment)."""
-        for name in reversed(list(self._daemons)):
-            end_group(self._daemons[name], 15.0)
-        self._daemons.clear()
-        for pid in self._stray_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_daemons(self._daemons, 15.0, self._marker)
 
     def __enter__(self) -> LocalSpark:
         return self.start()
@@ -180,8 +173,9 @@ class LocalSpark:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"
                          for p in sorted((self.root / "log").glob("*.out")))
 
-    def _stray_pids(self) -> list[int]:
-        return pids_with_env(f"{MARKER}={self.root}")
+    @property
+    def _marker(self) -> str:
+        return f"{MARKER}={self.root}"
 
 
 def main(argv: list[str]) -> int:
@@ -195,8 +189,7 @@ def main(argv: list[str]) -> int:
         (cluster.root / "master_url").write_text(cluster.master_url + "\n")
         print(cluster.master_url)
         return 0
-    for pid in cluster._stray_pids():
-        os.kill(pid, signal.SIGTERM)
+    signal_all(pids_with_env(cluster._marker), signal.SIGTERM)
     return 0
 
 

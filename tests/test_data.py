@@ -276,14 +276,21 @@ def test_text_is_padded_to_the_longest_caption_of_each_batch(tmp_path):
 # --------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("workers,resampled", [(0, False), (2, False), (2, True)])
-def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, workers, resampled):
+def write_resume_sources(tmp_path: Path) -> tuple[Path, Path]:
+    """The resume tests' two sources: 4 shards of 6 pairs, and one shard with an undecodable
+    image between two good pairs."""
     main = write_source(tmp_path / "main", shards=4, per_shard=6, prefix="s")
     extra = tmp_path / "extra"
     extra.mkdir()
     write_tar(extra / "00000.tar", [
         sample("r0", "r 0"), sample("broken", "broken", image=b"garbage"), sample("r1", "r 1")])
+    return main, extra
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers,resampled", [(0, False), (2, False), (2, True)])
+def test_resume_gives_exactly_the_uninterrupted_batches(tmp_path, workers, resampled):
+    main, extra = write_resume_sources(tmp_path)
     cfg = config(
         f"{main}::{extra}", train_data_weights=[2.0, 1.0], resampled=resampled, workers=workers,
         batch_size=4, sample_shuffle_buffer=8, scale=(0.5, 1.0), hflip=0.5, color_jitter=0.3,

@@ -24,7 +24,7 @@ from data_pipeline.shard_format import read_shard  # noqa: E402
 from eval.shard_images import ShardImages, shard_urls  # noqa: E402
 from s3_server import TEST_ENV, Fault, flaky_proxy, moto_s3  # noqa: E402
 from test_data import (  # noqa: E402
-    PAD_ID, captions, config, sample, take, tokenize, write_source, write_tar,
+    PAD_ID, captions, config, sample, take, tokenize, write_resume_sources, write_source, write_tar,
 )
 from training.data import build_train_loader  # noqa: E402
 from training.data.sources import expand_source, read_shard_sizes  # noqa: E402
@@ -196,11 +196,7 @@ def test_a_stalled_read_or_a_503_is_retried(store, proxy, tmp_path, mode):
 
 @pytest.mark.timeout(180)
 def test_resume_on_flaky_s3_gives_exactly_the_uninterrupted_batches(store, proxy, tmp_path):
-    main = write_source(tmp_path / "main", shards=4, per_shard=6, prefix="s")
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    write_tar(extra / "00000.tar", [
-        sample("r0", "r 0"), sample("broken", "broken", image=b"garbage"), sample("r1", "r 1")])
+    main, extra = write_resume_sources(tmp_path)
     remote_main, remote_extra = (upload(store["fs"], main, "resume/main"),
                                  upload(store["fs"], extra, "resume/extra"))
     # One shard always fails at byte 5000 (its first samples read, the rest skipped), another
