@@ -112,7 +112,7 @@ bench-learning: $(BENCH_STAMP)
 # once on this CPU.
 GPU_WHEELS := webdataset==0.2.86 braceexpand==0.1.7 open_clip_torch==3.3.0 clip_benchmark==1.6.2 \
 	ftfy==6.3.1 wcwidth==0.9.4 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
-	annotated-types==0.8.0 typing-inspection==0.4.5
+	annotated-types==0.8.0 typing-inspection==0.4.5 simplejpeg==1.9.0
 gpu-pack: $(BENCH_STAMP)
 	$(PY) -m bench.corpus
 	rm -rf .whl && mkdir -p .whl

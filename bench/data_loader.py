@@ -6,8 +6,10 @@ OpenCLIP's loader, on the same shards with the same number of worker processes.
 - ours: `training.data.build_train_loader` exactly as the trainer builds it (tar reading,
   shuffle buffer, decode, RandomResizedCrop, tokenise with CLIP's BPE, dynamic-length collate,
   handing batches over from the worker processes).
-- raw decode limit: the same JPEG bytes (already in memory) decoded to RGB by PIL in `--workers`
-  processes and nothing else: no tar reading, no augmentation, no batching.
+- raw decode limit: the same JPEG bytes (already in memory) decoded to RGB in `--workers`
+  processes and nothing else: no tar reading, no augmentation, no batching; once by PIL (the
+  issue's yardstick) and once by libjpeg-turbo called directly (simplejpeg, the decoder ours
+  uses since it decodes into numpy: `shard_format.decode_pixels`).
 - OpenCLIP: `open_clip_train.data.get_wds_dataset` with OpenCLIP's own training transform and
   tokenizer, the loader its trainer uses.
 """
@@ -22,6 +24,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from braceexpand import braceexpand
+import simplejpeg
 from PIL import Image
 
 from data_pipeline.shard_format import read_shard
@@ -42,23 +45,38 @@ def _jpeg_bytes(pattern: str, limit: int) -> list[bytes]:
     return images
 
 
-def _decode_all(images: list[bytes]) -> float:
+def _pil_decode(data: bytes) -> None:
+    Image.open(io.BytesIO(data)).convert("RGB")  # convert() forces the full decode
+
+
+def _turbo_decode(data: bytes) -> None:
+    simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
+# The two yardsticks: PIL (the issue's "decode-only", what OpenCLIP's loader decodes with) and
+# libjpeg-turbo called directly, which is what our loader now decodes with (decode_pixels).
+DECODERS = {"pil": _pil_decode, "libjpeg-turbo": _turbo_decode}
+
+
+def _decode_all(images: list[bytes], decoder: str = "pil") -> float:
+    decode = DECODERS[decoder]
     started = time.perf_counter()
     for data in images:
-        Image.open(io.BytesIO(data)).convert("RGB")  # convert() forces the full decode
+        decode(data)
     return time.perf_counter() - started
 
 
-def raw_decode_limit(pattern: str, samples: int, workers: int) -> float:
-    """Images/s of PIL decode alone, `workers` processes each decoding an equal share."""
+def raw_decode_limit(pattern: str, samples: int, workers: int, decoder: str = "pil") -> float:
+    """Images/s of decode alone, `workers` processes each decoding an equal share."""
     images = _jpeg_bytes(pattern, samples)
     processes = max(1, workers)
     shares = [images[i::processes] for i in range(processes)]
-    _decode_all(images[:32])  # warm-up: library loading, first allocations
+    _decode_all(images[:32], decoder)  # warm-up: library loading, first allocations
     if processes == 1:
-        return len(images) / _decode_all(images)
+        return len(images) / _decode_all(images, decoder)
     with multiprocessing.get_context("fork").Pool(processes) as pool:
-        seconds = pool.map(_decode_all, shares)  # each process times its own share
+        # each process times its own share
+        seconds = pool.starmap(_decode_all, [(share, decoder) for share in shares])
     return len(images) / max(seconds)
 
 
@@ -121,10 +139,14 @@ def measure_device_path(args: argparse.Namespace, device: str = "cpu") -> dict:
     tokenizer = Tokenizer.from_file(args.tokenizer)
     cpu_side = ours(args.loader_shards, tokenizer, args, augment_on="device")
     raw = raw_decode_limit(args.loader_shards, args.batches * args.batch, args.workers)
+    turbo = raw_decode_limit(args.loader_shards, args.batches * args.batch, args.workers,
+                             "libjpeg-turbo")
     return {
         "device_path_samples_per_s": cpu_side,
         "raw_decode_samples_per_s": raw,
         "ratio_to_raw_decode": cpu_side / raw,
+        "raw_turbo_decode_samples_per_s": turbo,
+        "ratio_to_turbo_decode": cpu_side / turbo,
         "augment_samples_per_s": batched_augment_rate(
             args.loader_shards, tokenizer, args, device),
         "device": device,
@@ -160,6 +182,7 @@ def measure(args: argparse.Namespace) -> dict:
     # spread between ours' two readings instead of biasing one side.
     first = ours(args.loader_shards, tokenizer, args)
     raw = raw_decode_limit(args.loader_shards, samples, args.workers)
+    turbo = raw_decode_limit(args.loader_shards, samples, args.workers, "libjpeg-turbo")
     reference = openclip(args.loader_shards, args)
     second = ours(args.loader_shards, tokenizer, args)
     device_side = ours(args.loader_shards, tokenizer, args, augment_on="device")
@@ -168,11 +191,14 @@ def measure(args: argparse.Namespace) -> dict:
         # data.augment_on=device: the workers' side alone (the resize runs on the GPU).
         "device_path_samples_per_s": device_side,
         "device_path_ratio_to_raw_decode": device_side / raw,
+        "device_path_ratio_to_turbo_decode": device_side / turbo,
         "ours_samples_per_s": mean,
         "ours_readings": [first, second],
         "raw_decode_samples_per_s": raw,
         "openclip_samples_per_s": reference,
         "ratio_to_raw_decode": mean / raw,
+        "raw_turbo_decode_samples_per_s": turbo,
+        "ratio_to_turbo_decode": mean / turbo,
         "ratio_to_openclip": mean / reference,
         "workers": args.workers,
     }

@@ -82,6 +82,14 @@ class _Reader:
 
     def read(self, size: int) -> bytes:
         """Exactly `size` bytes, or fewer only at the end of the stream."""
+        if not self.pending:
+            # The common case, a buffered file giving all of it in one call (the loop below is
+            # for pipes and object storage, which may give less): 18 reads per sample.
+            data = self.stream.read(size)
+            if len(data) == size:
+                self.offset += size
+                return data
+            self.pending = data
         parts, wanted = [], size
         if self.pending:
             head, self.pending = self.pending[:wanted], self.pending[wanted:]

@@ -495,6 +495,50 @@ def test_jpegs_decode_at_a_reduced_scale_never_below_what_the_crop_needs():
     assert decode_image({"jpg": encoded.getvalue()}, too_big).size == (256, 256)
 
 
+def _encoded(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=options.pop("format", "JPEG"), **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("size, min_size", [
+    ((256, 256), None), ((256, 256), 83), ((256, 256), 246), ((301, 517), 60), ((517, 301), 37),
+    ((33, 47), 5), ((640, 480), 100)])
+def test_the_trainers_jpeg_decode_gives_pils_pixels_at_pils_dct_scale(size, min_size):
+    """decode_pixels (libjpeg-turbo through simplejpeg) == decode_image (PIL): same pixels, same
+    reduced DCT scale, for colour (4:2:0 and 4:4:4) and greyscale JPEGs of odd sizes."""
+    from data_pipeline.shard_format import decode_pixels
+
+    rng = np.random.default_rng(sum(size))
+    smooth = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    picture = Image.fromarray(smooth).resize(size, Image.BILINEAR)  # JPEG-like content
+    for encoded in (_encoded(picture), _encoded(picture, subsampling=0, quality=95),
+                    _encoded(picture.convert("L"))):
+        pixels = decode_pixels({"jpg": encoded}, min_size)
+        reference = np.asarray(decode_image({"jpg": encoded}, min_size))
+        assert pixels.dtype == np.uint8 and pixels.shape == reference.shape
+        assert np.array_equal(pixels, reference)
+
+
+def test_the_trainers_decode_leaves_other_formats_and_bad_jpegs_to_pil():
+    """PNG, WebP, CMYK JPEGs and a JPEG under a .png name decode as PIL decodes them; a truncated
+    JPEG is judged bad with PIL's reason (one judge of a bad image)."""
+    from data_pipeline.shard_format import BadSample, decode_pixels
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    for raw in ({"png": _encoded(picture, format="PNG")}, {"webp": _encoded(picture, format="WEBP")},
+                {"jpg": _encoded(picture.convert("CMYK"))}, {"png": _encoded(picture)}):
+        assert np.array_equal(decode_pixels(raw), np.asarray(decode_image(raw)))
+    truncated = {"jpg": _encoded(picture)[:300]}
+    with pytest.raises(BadSample) as by_pil:
+        decode_image(truncated)
+    with pytest.raises(BadSample) as ours:
+        decode_pixels(truncated)
+    assert str(ours.value) == str(by_pil.value)
+    with pytest.raises(BadSample, match="no image"):
+        decode_pixels({"txt": b"caption only"})
+
+
 @pytest.mark.parametrize("height, width, scale", [
     (256, 256, (0.9, 1.0)), (200, 320, (0.08, 1.0)), (480, 120, (0.5, 1.0)), (1, 1, (0.9, 1.0))])
 def test_crop_box_draws_torchvisions_boxes_and_leaves_the_generator_where_it_would(

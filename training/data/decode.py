@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
-from PIL import Image
 
-from data_pipeline.shard_format import BadSample, RawSample, decode_caption, decode_image
+from data_pipeline.shard_format import BadSample, RawSample, decode_caption, decode_pixels
 from training.data.device_augment import DrawnCrop, collate_crops
 from training.data.transforms import stack_images
 from training.text.tokenizer import pad_batch
@@ -34,7 +34,7 @@ class StageTimes:
 
 def decode_sample(
     raw: RawSample,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Callable[[np.ndarray], torch.Tensor],
     tokenize: Callable[[str], Sequence[int]],
     augment_seed: int | None = None,
     min_image_size: int | None = None,
@@ -45,14 +45,14 @@ def decode_sample(
 
     augment_seed: if given, the transform's random draws come from torch's generator seeded with
     it, inside fork_rng so the caller's RNG state (the trainer's, when workers=0) is untouched.
-    min_image_size: smallest image side the transform needs (see `decode_image`).
+    min_image_size: smallest image side the transform needs (see `decode_pixels`).
     times: if given, the seconds spent decoding, augmenting and tokenizing are added to it.
     """
     if "__error__" in raw:
         raise BadSample(raw["__error__"])
     caption = decode_caption(raw)  # cheaper than the image: check it first
     started = time.perf_counter()
-    image = decode_image(raw, min_image_size)
+    image = decode_pixels(raw, min_image_size)
     decoded = time.perf_counter()
     if augment_seed is None:
         pixels = transform(image)

@@ -30,7 +30,7 @@ from torchvision.ops import roi_align
 
 from training.data.config import AugmentConfig
 from training.data.transforms import (
-    CLIP_MEAN_UINT8, CROP_RATIO, apply_color_mix, crop_box, draw_color_mix, normalize_,
+    CLIP_MEAN_UINT8, CROP_RATIO, apply_color_mix, batch_buffer, crop_box, draw_color_mix, normalize_,
 )
 
 # Per-sample parameters shipped with the crops, one float row each.
@@ -48,7 +48,7 @@ class DrawnCrop:
 
 
 class DrawCrop:
-    """The worker half: PIL image -> DrawnCrop. Draws exactly what the worker path draws:
+    """The worker half: RGB pixels (uint8 HWC array or PIL image) -> DrawnCrop. Draws exactly what the worker path draws:
     RandomResizedCrop's box (`crop_box`), then the flip coin, then ColorJitter's order and factors, then
     the colour mix, then RandomErasing's coin and rectangle (each only when that augmentation is on)."""
 
@@ -61,9 +61,10 @@ class DrawCrop:
         # RandomErasing.get_params reads only the shape of the (resized) image.
         self._output_shape = torch.empty(3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
 
-    def __call__(self, image: Image.Image) -> DrawnCrop:
+    def __call__(self, image: np.ndarray | Image.Image) -> DrawnCrop:
         cfg = self.cfg
-        top, left, height, width = crop_box(image.height, image.width, cfg.scale, CROP_RATIO)
+        pixels = np.asarray(image)
+        top, left, height, width = crop_box(*pixels.shape[:2], cfg.scale, CROP_RATIO)
         params = [0.0] * PARAMS
         params[H], params[W] = height, width
         params[BRIGHTNESS] = params[CONTRAST] = 1.0
@@ -82,8 +83,7 @@ class DrawCrop:
                 self._output_shape, self.erasing.scale, self.erasing.ratio,
                 list(self.erasing.value))
             params[ERASE_TOP:ERASE_W + 1] = [i, j, h, w]
-        crop = np.asarray(image)[top:top + height, left:left + width]
-        return DrawnCrop(crop, params)
+        return DrawnCrop(pixels[top:top + height, left:left + width], params)
 
 
 def collate_crops(crops: list[DrawnCrop]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ def collate_crops(crops: list[DrawnCrop]) -> tuple[torch.Tensor, torch.Tensor]:
     far edge then read the edge pixel, as if the crop ended there (border clamping)."""
     height = max(c.pixels.shape[0] for c in crops)
     width = max(c.pixels.shape[1] for c in crops)
-    out = torch.empty(len(crops), height, width, 3, dtype=torch.uint8)
+    out = batch_buffer((len(crops), height, width, 3))
     view = out.numpy()
     for index, crop in enumerate(crops):
         h, w = crop.pixels.shape[:2]
