@@ -116,6 +116,31 @@ def _img2dataset_without_sigint_handler() -> Iterator[None]:
         module.signal = original
 
 
+def _preloaded_forkserver(method: str | None = None) -> multiprocessing.context.BaseContext:
+    """img2dataset's worker pool starts its processes with "spawn": each worker imports
+    img2dataset afresh (torch through webdataset, albumentations, wandb: ~4 s of CPU), and the
+    pool does it again per split, per run and every 5 shards (maxtasksperchild). A forkserver
+    that has imported img2dataset once forks ready workers instead: as clean as spawn (the
+    server is a fresh interpreter, never a fork of this threaded process), without the imports.
+    The demo's test corpus (300 images, 3 splits, 2 processes): 20.3 -> 17.7 s wall per build
+    (farm-bench, 3 pairs, median). img2dataset's logger process is a SpawnProcess subclass
+    and still imports it once per split."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["img2dataset"])
+    return context
+
+
+@contextmanager
+def _workers_from_a_preloaded_server() -> Iterator[None]:
+    module = sys.modules["img2dataset.distributor"]
+    original = module.get_context
+    module.get_context = _preloaded_forkserver
+    try:
+        yield
+    finally:
+        module.get_context = original
+
+
 @contextmanager
 def _pools_started_here() -> Iterator[list[multiprocessing.pool.Pool]]:
     """Collects the process pools created inside the block (img2dataset's), and only those, by
@@ -182,6 +207,7 @@ def run_img2dataset(config: ShardConfig, url_list: str, label: str, total_shards
         _output_into(log_path_for(config.output)) as real_stdout,
         _progress(config.output, label, total_shards, already_done, real_stdout),
         _img2dataset_without_sigint_handler(),
+        _workers_from_a_preloaded_server(),
         _pools_started_here() as pools,
     ):
         try:
