@@ -35,7 +35,7 @@ shards: $(STAMP)
 NOISY := data/demo_pool
 NOISY_SEED := data/demo_seed
 NOISY_CURATED := data/demo_curated
-NOISY_CURATE_ARGS := --bootstrap $(NOISY_SEED)/train --bootstrap-set train.epochs=5 --clip-score-top 0.9 \
+NOISY_CURATE_ARGS := --bootstrap $(NOISY_SEED)/train --bootstrap-set train.epochs=5 --clip-score-top 0.7 \
 	--no-hash-dedup --pixel-dedup --no-model-dedup --no-shards --decontaminate demo=$(NOISY)
 CURATE_SHARDS ?= $(NOISY)/train
 CURATED ?= $(NOISY_CURATED)

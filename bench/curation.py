@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--clip-score-top", type=float, default=0.7,
+                        help="the alignment cut, as `make demo` makes it (a top fraction of the pool)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished runs of the last report again (no training), e.g. "
                              "after a change to the scoring, and rewrite the report")
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     curated = WORK / "curated"
     command = ["data_pipeline.curate", "--shards", str(pool / "train"), "--out", str(curated),
                "--bootstrap", str(trusted / "train"), "--bootstrap-set", f"train.epochs={filter_epochs}",
-               "--clip-score-top", "0.9", "--no-hash-dedup", "--pixel-dedup", "--no-shards",
+               "--clip-score-top", str(args.clip_score_top), "--no-hash-dedup", "--pixel-dedup", "--no-shards",
                "--decontaminate", f"demo={pool}", "--no-model-dedup"]
     curate_s = _run(command, WORK / "curate.log")
     keep = pd.read_parquet(curated / "keep_list.parquet")

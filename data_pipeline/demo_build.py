@@ -35,7 +35,7 @@ from data_pipeline.demo_corpus import (
     PlannedRow,
     corpus_description,
 )
-from data_pipeline.demo_noise import noise_truth, plan_pool
+from data_pipeline.demo_noise import NOISE_RATES, noise_truth, plan_pool
 from data_pipeline.errors import UserError
 from data_pipeline.loopback_server import serve_folder
 from data_pipeline.manifest import read_manifest
@@ -112,6 +112,8 @@ def build_demo(demo: DemoConfig, config: ShardConfig, out: TextIO = sys.stdout) 
     description = corpus_description(demo, config.image_size, {s: len(rows) for s, rows in plans.items()})
     description["generator"]["renderer_version"] = RENDERER_VERSION
     description["generator"]["caption_version"] = CAPTION_VERSION
+    if demo.noise:  # a pool planted at other rates is another pool: no incremental mixing
+        description["generator"]["noise_rates"] = dict(NOISE_RATES)
     _check_same_corpus(config, description)
 
     expected = {s: math.ceil(len(plans[s]) / config.samples_per_shard) for s in SPLITS}

@@ -196,3 +196,20 @@ def test_noise_is_planted_on_top_of_the_clean_rows_with_its_truth():
     textured = DemoConfig(num_samples=1000, texture=True)
     assert all((r.texture or r.fault) and not r.noise for r in plan_pool(textured, "train"))
     assert [r.caption for r in plan_pool(textured, "train")] == [r.caption for r in clean]
+
+
+def test_a_pool_planted_at_other_noise_rates_is_another_pool(tmp_path):
+    """An incremental rerun into a pool built at other noise rates (an older version's) stops in
+    one line instead of adding shards planted at the new rates to the old ones."""
+    from data_pipeline.demo_build import _check_same_corpus
+    from data_pipeline.demo_noise import NOISE_RATES
+    from data_pipeline.errors import UserError
+    from data_pipeline.shard_config import ShardConfig
+
+    generator = {"seed": 0, "noise": True}
+    (tmp_path / "corpus.json").write_text(json.dumps({"generator": generator}))
+    now = {"generator": {**generator, "noise_rates": dict(NOISE_RATES)}}
+    with pytest.raises(UserError, match="noise_rates was None, now"):
+        _check_same_corpus(ShardConfig(output=str(tmp_path)), now)
+    (tmp_path / "corpus.json").write_text(json.dumps(now))
+    _check_same_corpus(ShardConfig(output=str(tmp_path)), now)  # the same rates: resumes
