@@ -13,7 +13,7 @@ SHARDS_ARGS ?=
 CONFIG ?= configs/tiny_demo.toml
 TRAIN_ARGS ?=
 
-.PHONY: install shards curate validate tokenizer train eval demo demo-curated test bench bench-learning gpu-pack gpu-check-dry clean
+.PHONY: install shards curate validate tokenizer train eval demo demo-flat test bench bench-learning gpu-pack gpu-check-dry clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ shards: $(STAMP)
 	$(PY) -m data_pipeline.shards --output $(SHARDS) $(if $(URL_LIST),--url-list $(URL_LIST)) $(SHARDS_ARGS)
 
 # Curate a shard pool (data_pipeline/curate/): exact and near dedup, caption filters,
-# decontamination and, with a model, the CLIP-score filter. The default is `make demo-curated`'s
+# decontamination and, with a model, the CLIP-score filter. The default is `make demo`'s
 # curation of the noisy demo pool: a filter CLIP bootstrapped on a trusted seed set (DFN-style),
 # 16x16 pixel dedup instead of perceptual hashes (colour-blind on flat renders) and no embedding
 # dedup (a model's embeddings call two renders of one scene duplicates). With a published CLIP:
@@ -35,6 +35,7 @@ shards: $(STAMP)
 NOISY := data/demo_pool
 NOISY_SEED := data/demo_seed
 NOISY_CURATED := data/demo_curated
+DEMO_RUN := runs/tiny_demo_curated
 NOISY_CURATE_ARGS := --bootstrap $(NOISY_SEED)/train --bootstrap-set train.epochs=5 --clip-score-top 0.7 \
 	--no-hash-dedup --pixel-dedup --no-model-dedup --no-shards --decontaminate demo=$(NOISY)
 CURATE_SHARDS ?= $(NOISY)/train
@@ -53,29 +54,32 @@ tokenizer: $(STAMP)
 train: $(STAMP)
 	$(PY) -m training.main --config $(CONFIG) checkpoint.resume=latest $(TRAIN_ARGS)
 
-# The main job on the embedded default: shards -> validate -> tokenizer -> train -> eval -> report.
-# Re-running is cheap: finished shards are skipped and a finished run is only reported.
+# The main job on the embedded default, through curation: a noisy pool (web-like noise planted,
+# the truth in noise.json) and a trusted seed set -> validate -> tokenizer -> curate (a filter
+# CLIP bootstrapped on the seed set, DFN-style) -> train on the kept pairs (data.keep_list,
+# nothing copied) -> eval -> a report with what curation removed against the truth next to how
+# well the model learned. Re-running is cheap: finished shards, the filter model, the embeddings
+# and a finished run are reused.
 demo: $(STAMP)
-	$(PY) -m data_pipeline.shards --output $(DEMO) --incremental
-	$(PY) -m data_pipeline.validate $(DEMO)
-	test -f $(DEMO)/tokenizer.json || $(PY) -m training.text.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
-	$(PY) -m training.main --config configs/tiny_demo.toml checkpoint.resume=latest
-	$(PY) -m eval.run --checkpoint runs/tiny_demo --demo $(DEMO)
-	$(PY) -m training.report --run-dir runs/tiny_demo --shards $(DEMO)
-
-# The same through curation (~10 min here): a noisy pool (web-like noise planted, the truth in
-# noise.json) and a trusted seed set -> curate (bootstrapped filter) -> train on the kept pairs
-# (data.keep_list, nothing copied) -> eval -> report with what curation removed against the truth.
-demo-curated: $(STAMP)
 	$(PY) -m data_pipeline.shards --output $(NOISY) --noise --incremental
 	$(PY) -m data_pipeline.shards --output $(NOISY_SEED) --num-samples 4000 --seed 101 --texture --incremental
 	$(PY) -m data_pipeline.validate $(NOISY)
 	test -f $(NOISY)/tokenizer.json || $(PY) -m training.text.tokenizer --shards $(NOISY)/train --out $(NOISY)/tokenizer.json
 	$(PY) -m data_pipeline.curate --shards $(NOISY)/train --out $(NOISY_CURATED) $(NOISY_CURATE_ARGS)
 	$(PY) -m training.main --config configs/tiny_demo.toml checkpoint.resume=latest data.train_shards=$(NOISY)/train \
-		data.keep_list=$(NOISY_CURATED)/keep_list.parquet train.run_dir=runs/tiny_demo_curated
-	$(PY) -m eval.run --checkpoint runs/tiny_demo_curated --demo $(NOISY)
-	$(PY) -m training.report --run-dir runs/tiny_demo_curated --shards $(NOISY)
+		data.keep_list=$(NOISY_CURATED)/keep_list.parquet train.run_dir=$(DEMO_RUN)
+	$(PY) -m eval.run --checkpoint $(DEMO_RUN) --demo $(NOISY)
+	$(PY) -m training.report --run-dir $(DEMO_RUN) --shards $(NOISY)
+
+# The same model on the clean flat corpus, no curation (what `make shards`, `make tokenizer`,
+# `make train` and `make eval` build and read one step at a time).
+demo-flat: $(STAMP)
+	$(PY) -m data_pipeline.shards --output $(DEMO) --incremental
+	$(PY) -m data_pipeline.validate $(DEMO)
+	test -f $(DEMO)/tokenizer.json || $(PY) -m training.text.tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer.json
+	$(PY) -m training.main --config configs/tiny_demo.toml checkpoint.resume=latest
+	$(PY) -m eval.run --checkpoint runs/tiny_demo --demo $(DEMO)
+	$(PY) -m training.report --run-dir runs/tiny_demo --shards $(DEMO)
 
 # Zero-shot / retrieval suites against a run's newest checkpoint (see README "Evaluate").
 RUN ?= runs/tiny_demo

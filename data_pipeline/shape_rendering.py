@@ -13,13 +13,13 @@ import multiprocessing
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from data_pipeline.demo_corpus import BACKGROUNDS, COLOURS, PlannedRow
 
 # Bump when the drawing changes: corpus.json records it, so an incremental rerun refuses to mix
 # shards drawn by two versions.
-RENDERER_VERSION = 2
+RENDERER_VERSION = 3
 RADIUS = {"small": 0.085, "large": 0.14}  # circumradius as a fraction of the canvas side
 # Centre-to-centre distance in radii: small shapes get more air, large ones must fit three across.
 SPACING = {"small": 2.6, "large": 2.2}
@@ -78,21 +78,22 @@ def _colour_field(seed: str, size: int) -> Image.Image:
     return cells.resize((size, size), Image.BICUBIC)
 
 
-def render_scene(row: PlannedRow, size: int) -> Image.Image:
-    image = _render_flat(row, size)
+def _background(row: PlannedRow, size: int, colour: tuple[int, int, int]) -> Image.Image:
+    """The canvas: the background colour, and for a textured row the colour field added to it
+    (a shift of up to +-TEXTURE_AMPLITUDE per channel, clipped). Only the background is
+    textured: the shapes are drawn over it in their flat colour, so a colour name and a shape's
+    outline mean the same as in the flat corpus."""
+    image = Image.new("RGB", (size, size), colour)
     if not row.texture:
         return image
     field = _colour_field(row.render_seed or row.file_name, size)
-    # image + (field - 127.5) * amplitude / 127.5, clipped: a shift of up to +-60 per channel
     offset = Image.eval(field, lambda v: max(0, min(255, round((v - 127.5) * TEXTURE_AMPLITUDE / 127.5 + 128))))
-    from PIL import ImageChops
-
     return ImageChops.add(image, offset, scale=1.0, offset=-128)
 
 
-def _render_flat(row: PlannedRow, size: int) -> Image.Image:
+def render_scene(row: PlannedRow, size: int) -> Image.Image:
     rng = random.Random(row.render_seed or row.file_name)
-    image = Image.new("RGB", (size, size), _jitter_colour(rng, BACKGROUNDS[row.background], 10))
+    image = _background(row, size, _jitter_colour(rng, BACKGROUNDS[row.background], 10))
     draw = ImageDraw.Draw(image)
     fill = _jitter_colour(rng, COLOURS[row.colour], 12)
     radius = RADIUS[row.size] * size * rng.uniform(0.95, 1.05)

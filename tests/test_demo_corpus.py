@@ -84,6 +84,23 @@ def test_rendered_shape_has_its_colour_where_it_was_placed(shape):
     assert render_scene(row, 128).tobytes() == image.tobytes()  # same row, same pixels
 
 
+def test_texture_covers_the_background_and_leaves_the_shapes_flat():
+    # A noisy pool's colour field must not shift a shape's colour (the caption names it): the
+    # shapes' pixels are those of the flat render, and the background around them differs.
+    from dataclasses import replace
+
+    import numpy as np
+
+    rows = [r for r in plan_split(DemoConfig(num_samples=300), "train") if not r.fault][:40]
+    for row in rows:
+        flat = np.asarray(render_scene(row, 96), np.int16)
+        textured = np.asarray(render_scene(replace(row, texture=True), 96), np.int16)
+        background = flat[0, 0]
+        shape = np.any(flat != background, axis=-1)
+        assert shape.any() and (textured[shape] == flat[shape]).all(), row
+        assert np.abs(textured[~shape] - flat[~shape]).max() > 10, row
+
+
 def test_no_shape_is_cut_by_the_image_border():
     # Captions promise "three stars": a star half off the canvas would break that promise.
     for row in [r for r in plan_split(DemoConfig(num_samples=1500), "train") if not r.fault]:
